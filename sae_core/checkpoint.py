@@ -1,0 +1,240 @@
+"""Framework-free checkpoint I/O in sparsify's layout (SPEC section 1): validation, atomic writes, NumPy access.
+
+A checkpoint is a folder holding `cfg.json` and `sae.safetensors`. Both backends validate through
+`validate_checkpoint` before they read tensors with their own safetensors loader, so every bad file gives the
+same clear error whichever framework opens it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .config import SparseCoderConfig, config_to_json
+from .errors import CheckpointError
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+
+# safetensors dtype names -> NumPy dtypes (bf16 through ml_dtypes, imported only when a bf16 tensor is met)
+_NUMPY_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _numpy_dtype(name: str):
+    if name == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    if name not in _NUMPY_DTYPES:
+        raise CheckpointError(f"unsupported safetensors dtype {name}")
+    return np.dtype(_NUMPY_DTYPES[name])
+
+
+def _safetensors_name(dtype: np.dtype) -> str:
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return "BF16"
+    for name, candidate in _NUMPY_DTYPES.items():
+        if np.dtype(candidate) == dtype:
+            return name
+    raise CheckpointError(f"cannot store NumPy dtype {dtype} in safetensors")
+
+
+def expected_shapes(cfg: SparseCoderConfig, d_in: int, d_out: int) -> dict[str, tuple[int, ...]]:
+    num_latents = cfg.num_latents_for(d_in)
+    shapes = {
+        "encoder.weight": (num_latents, d_in),
+        "encoder.bias": (num_latents,),
+        "W_dec": (num_latents, d_out),
+        "b_dec": (d_out,),
+    }
+    if cfg.skip_connection:
+        shapes["W_skip"] = (d_out, d_in)
+    return shapes
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """Parse a safetensors header: ({name: {"dtype", "shape", "data_offsets"}}, metadata).
+
+    Checks what a loader would otherwise report cryptically: not a safetensors file, truncated data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100_000_000):
+            raise CheckpointError(f"{path}: not a safetensors file, or truncated (header length {header_len} "
+                                  f"does not fit in {size} bytes)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    for name, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            count = math.prod(info["shape"])
+            item = 2 if info["dtype"] in ("BF16", "F16", "I16") else _numpy_dtype(info["dtype"]).itemsize
+        except (KeyError, TypeError, ValueError, CheckpointError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if end - start != count * item:
+            raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes for shape {info['shape']}")
+        if end > data_len:
+            raise CheckpointError(f"{path}: truncated file: tensor {name!r} needs bytes up to {end} "
+                                  f"but the file holds {data_len} bytes of data; re-save or re-download it")
+    return header, metadata
+
+
+def load_config(folder: Path) -> tuple[SparseCoderConfig, int, int]:
+    """Read `cfg.json` of a checkpoint folder: (config, d_in, d_out)."""
+    path = Path(folder) / CONFIG_FILE
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; a checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        data = json.loads(path.read_text())
+        assert isinstance(data, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: not a JSON object") from None
+    if "d_in" not in data:
+        raise CheckpointError(f"{path}: no 'd_in' key (sparsify writes it beside the config fields)")
+    cfg = SparseCoderConfig.from_dict(data, where=str(path))
+    d_in = data["d_in"]
+    d_out = data.get("d_out", d_in)
+    cfg.validate(d_in, d_out, where=str(path))
+    return cfg, d_in, d_out
+
+
+def validate_checkpoint(folder: Path) -> tuple[SparseCoderConfig, int, int, dict[str, dict]]:
+    """Check a checkpoint folder without loading its tensors: (config, d_in, d_out, header).
+
+    Errors name the file and the problem: missing or extra tensor, wrong shape, a bad config, a truncated or
+    non-safetensors file. Non-finite values are checked by `check_finite` once tensors are loaded.
+    """
+    cfg, d_in, d_out = load_config(folder)
+    path = Path(folder) / WEIGHTS_FILE
+    header, _ = read_header(path)
+    expected = expected_shapes(cfg, d_in, d_out)
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing)} required by its {CONFIG_FILE}")
+    if extra:
+        hint = " (skip_connection is false in cfg.json)" if extra == ["W_skip"] else ""
+        raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(extra)}{hint}")
+    for name, shape in expected.items():
+        if tuple(header[name]["shape"]) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(header[name]['shape'])}, but "
+                                  f"{CONFIG_FILE} (d_in={d_in}, d_out={d_out}, M={shape[0] if name != 'b_dec' else cfg.num_latents_for(d_in)}) "
+                                  f"implies {shape}")
+        if header[name]["dtype"] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {header[name]['dtype']}, expected a float type")
+    return cfg, d_in, d_out, header
+
+
+def check_finite(folder: Path, name: str, finite: bool) -> None:
+    if not finite:
+        raise CheckpointError(f"{Path(folder) / WEIGHTS_FILE}: tensor {name!r} contains NaN or Inf values; "
+                              f"this checkpoint is corrupt (restore an earlier one)")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it is removed.
+
+    A crash or Ctrl-C while writing leaves the previous file at `path` untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_config(folder: Path, cfg: SparseCoderConfig, d_in: int, d_out: int) -> None:
+    cfg.validate(d_in, d_out)
+    write_text_atomic(Path(folder) / CONFIG_FILE, config_to_json(cfg, d_in, d_out))
+
+
+# ---- NumPy access (conversion, the oracle, tools that need no framework) ----
+
+def load_safetensors_numpy(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    header, metadata = read_header(path)
+    offset = 8 + struct.unpack("<Q", Path(path).open("rb").read(8))[0]
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        raw = np.array(data[offset + start: offset + end])
+        tensors[name] = raw.view(_numpy_dtype(info["dtype"])).reshape(info["shape"])
+    return tensors, metadata
+
+
+def save_safetensors_numpy(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """Write a safetensors file from NumPy arrays (bf16 via ml_dtypes), atomically."""
+    header, chunks, offset = {}, [], 0
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        raw = array.tobytes()
+        header[name] = {"dtype": _safetensors_name(array.dtype), "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for chunk in chunks:
+            f.write(chunk)
+
+
+def load_checkpoint_numpy(folder: Path) -> tuple[SparseCoderConfig, int, int, dict[str, np.ndarray]]:
+    cfg, d_in, d_out, _ = validate_checkpoint(folder)
+    tensors, _ = load_safetensors_numpy(Path(folder) / WEIGHTS_FILE)
+    for name, value in tensors.items():
+        check_finite(folder, name, bool(np.isfinite(value.astype(np.float32)).all()))
+    return cfg, d_in, d_out, tensors
+
+
+def save_checkpoint_numpy(folder: Path, cfg: SparseCoderConfig, d_in: int, d_out: int,
+                          tensors: dict[str, np.ndarray]) -> None:
+    expected = expected_shapes(cfg, d_in, d_out)
+    if set(tensors) != set(expected) or any(tuple(tensors[n].shape) != s for n, s in expected.items()):
+        got = {n: tuple(t.shape) for n, t in tensors.items()}
+        raise CheckpointError(f"tensors {got} do not match the config, which implies {expected}")
+    save_safetensors_numpy(Path(folder) / WEIGHTS_FILE, {n: tensors[n] for n in expected})
+    write_config(folder, cfg, d_in, d_out)
