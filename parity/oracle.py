@@ -162,11 +162,12 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
     return result
 
 
-def selection_violation(pre: np.ndarray, indices: np.ndarray, activation: str, k: int) -> float:
+def selection_violation(pre: np.ndarray, indices: np.ndarray, activation: str, k: int, allowed=None) -> float:
     """How far a selection is from valid: max over rows of (best unselected - worst selected), clipped at 0.
 
-    topk: every selected value must be >= every unselected value of its row. groupmax: the selected index must
-    lie in its group and hold the group's max.
+    topk: every selected value must be >= every unselected value of its row, and no index may repeat; with an
+    `allowed` mask [M] (AuxK's dead latents) only allowed latents may be chosen and compete. groupmax: the j-th
+    index must lie in group j and hold that group's max.
     """
     n, m = pre.shape
     chosen = np.take_along_axis(pre, indices, axis=1)
@@ -175,9 +176,14 @@ def selection_violation(pre: np.ndarray, indices: np.ndarray, activation: str, k
         if not (indices // group == np.arange(k)).all():
             return float("inf")
         return float(max((pre.reshape(n, k, group).max(axis=-1) - chosen).max(), 0.0))
-    if (np.sort(indices, axis=1)[:, 1:] == np.sort(indices, axis=1)[:, :-1]).any():
+    if (np.diff(np.sort(indices, axis=1), axis=1) == 0).any():
         return float("inf")  # an index chosen twice in one row
-    mask = np.ones_like(pre, dtype=bool)
-    np.put_along_axis(mask, indices, False, axis=1)
-    best_unselected = np.where(mask, pre, -np.inf).max(axis=1)
-    return float(max((best_unselected - chosen.min(axis=1)).max(), 0.0))
+    if allowed is not None:
+        if not allowed[indices].all():
+            return float("inf")
+        pre = np.where(allowed[None, :], pre, -np.inf)
+    unselected = np.ones_like(pre, dtype=bool)
+    np.put_along_axis(unselected, indices, False, axis=1)
+    best_unselected = np.where(unselected, pre, -np.inf).max(axis=1)
+    gaps = best_unselected - chosen.min(axis=1)
+    return float(max(np.nan_to_num(gaps, nan=0.0, neginf=0.0).max(), 0.0))

@@ -57,3 +57,11 @@ def test_selection_violation_detects_bad_choices():
     assert selection_violation(pre, np.array([[0, 2]]), "groupmax", 2) == 0
     assert selection_violation(pre, np.array([[1, 2]]), "groupmax", 2) == pytest.approx(2.0)
     assert selection_violation(pre, np.array([[2, 0]]), "groupmax", 2) == np.inf
+
+
+def test_aux_selection_must_stay_within_dead_latents():
+    pre = np.array([[3.0, 1.0, 2.0, 0.5]])
+    dead = np.array([False, True, True, False])
+    assert selection_violation(pre, np.array([[2]]), "topk", 0, allowed=dead) == 0
+    assert selection_violation(pre, np.array([[1]]), "topk", 0, allowed=dead) == pytest.approx(1.0)
+    assert selection_violation(pre, np.array([[0]]), "topk", 0, allowed=dead) == np.inf

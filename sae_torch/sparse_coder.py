@@ -1,0 +1,204 @@
+"""The TopK sparse coder (autoencoder or transcoder) of SPEC section 2, with sparsify's API and names.
+
+The dense pre-activations are computed without autograd and used only to choose latents; the chosen values are
+then recomputed differentiably by a sparse gather-dot (`sparse_encode`). So the backward never touches a dense
+[N, M] tensor, and AuxK and Multi-TopK train the encoder through exactly the latents they select.
+"""
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, write_config
+from sae_core.config import SparseCoderConfig
+from sae_core.errors import CheckpointError
+
+from .kernels.sparse_rows import sparse_decode, sparse_encode
+
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: Tensor
+    top_indices: Tensor
+    pre_acts: Tensor  # dense [N, M], detached: used for selection only
+
+
+class ForwardOutput(NamedTuple):
+    sae_out: Tensor
+    latent_acts: Tensor
+    latent_indices: Tensor
+    fvu: Tensor
+    auxk_loss: Tensor
+    multi_topk_fvu: Tensor
+
+
+class SparseCoder(nn.Module):
+    def __init__(self, d_in: int, cfg: SparseCoderConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, *, decoder: bool = True, d_out: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.d_in = d_in
+        self.d_out = d_in if d_out is None else d_out
+        self.num_latents = cfg.num_latents_for(d_in)
+        cfg.validate(d_in, self.d_out)
+
+        self.encoder = nn.Linear(d_in, self.num_latents, device=device, dtype=dtype)  # uniform(+-1/sqrt(d_in))
+        self.encoder.bias.data.zero_()
+        if not decoder:
+            self.W_dec = None
+        elif cfg.transcode:
+            self.W_dec = nn.Parameter(torch.zeros(self.num_latents, self.d_out, device=device, dtype=dtype))
+        else:
+            self.W_dec = nn.Parameter(self.encoder.weight.data.clone())
+            self.set_decoder_norm_to_unit_norm()
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out, device=device, dtype=dtype))
+        self.W_skip = (nn.Parameter(torch.zeros(self.d_out, d_in, device=device, dtype=dtype))
+                       if cfg.skip_connection else None)
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.weight.dtype
+
+    # ---- selection (no autograd: it only chooses indices) ----
+
+    def select_indices(self, pre_acts: Tensor) -> Tensor:
+        if self.cfg.activation == "groupmax":
+            group_max = pre_acts.unflatten(-1, (self.cfg.k, -1)).argmax(dim=-1)
+            offsets = torch.arange(0, self.num_latents, self.num_latents // self.cfg.k, device=pre_acts.device)
+            return group_max + offsets
+        return pre_acts.topk(self.cfg.k, dim=-1, sorted=False).indices
+
+    def aux_indices(self, pre_acts: Tensor, dead_mask: Tensor) -> Tensor:
+        """The AuxK latents: the k_aux largest pre-activations among the dead latents."""
+        k_aux = min(self.d_out // 2, int(dead_mask.sum()))
+        dead_only = torch.where(dead_mask, pre_acts, -torch.inf)
+        return dead_only.topk(k_aux, dim=-1, sorted=False).indices
+
+    def multi_topk_indices(self, pre_acts: Tensor) -> Tensor:
+        return pre_acts.topk(min(4 * self.cfg.k, self.num_latents), dim=-1, sorted=False).indices
+
+    # ---- the differentiable pieces ----
+
+    def encoder_input(self, x: Tensor) -> Tensor:
+        return x if self.cfg.transcode else x - self.b_dec
+
+    def acts_at(self, x_in: Tensor, indices: Tensor) -> Tensor:
+        """relu(pre-activation) of the chosen latents, recomputed sparsely so that gradients reach the encoder."""
+        return F.relu(sparse_encode(x_in, self.encoder.weight, indices) + self.encoder.bias[indices])
+
+    def pre_acts(self, x_in: Tensor) -> Tensor:
+        with torch.no_grad():
+            return F.relu(F.linear(x_in, self.encoder.weight, self.encoder.bias))
+
+    def encode(self, x: Tensor) -> EncoderOutput:
+        x_in = self.encoder_input(x)
+        pre_acts = self.pre_acts(x_in)
+        top_indices = self.select_indices(pre_acts)
+        return EncoderOutput(self.acts_at(x_in, top_indices), top_indices, pre_acts)
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        assert self.W_dec is not None, "this coder was loaded with decoder=False"
+        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+
+    def forward(self, x: Tensor, y: Tensor | None = None, *, dead_mask: Tensor | None = None) -> ForwardOutput:
+        y = x if y is None else y
+        x_in = self.encoder_input(x)
+        pre_acts = self.pre_acts(x_in)
+        top_indices = self.select_indices(pre_acts)
+        need_aux = dead_mask is not None and bool(dead_mask.any())
+        aux_indices = self.aux_indices(pre_acts, dead_mask) if need_aux else None
+        multi_indices = self.multi_topk_indices(pre_acts) if self.cfg.multi_topk else None
+        del pre_acts  # only the sparse selections live on: the backward needs no dense [N, M] tensor
+
+        skip = x.to(self.W_skip.dtype) @ self.W_skip.mT if self.W_skip is not None else 0
+        top_acts = self.acts_at(x_in, top_indices)
+        sae_out = self.decode(top_acts, top_indices) + skip
+        e = y - sae_out
+        total_variance = (y - y.mean(0)).float().pow(2).sum()
+        fvu = e.float().pow(2).sum() / total_variance
+
+        zero = fvu.new_zeros(())
+        auxk_loss = multi_topk_fvu = zero
+        if aux_indices is not None:
+            num_dead = int(dead_mask.sum())
+            scale = min(num_dead / (self.d_out // 2), 1.0)
+            # no b_dec and no skip term: the residual e already contains both
+            e_hat = sparse_decode(self.acts_at(x_in, aux_indices), aux_indices, self.W_dec)
+            auxk_loss = scale * (e_hat.float() - e.detach().float()).pow(2).sum() / total_variance
+        if multi_indices is not None:
+            multi_out = self.decode(self.acts_at(x_in, multi_indices), multi_indices) + skip
+            multi_topk_fvu = (multi_out - y).float().pow(2).sum() / total_variance
+        return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
+
+    # ---- decoder-norm utilities ----
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self):
+        assert self.W_dec is not None, "this coder has no decoder"
+        eps = torch.finfo(self.W_dec.dtype).eps
+        norm = torch.norm(self.W_dec.data, dim=1, keepdim=True)
+        self.W_dec.data /= norm + eps
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self):
+        assert self.W_dec is not None and self.W_dec.grad is not None, "no decoder gradient to project"
+        w = self.W_dec.data
+        parallel = (self.W_dec.grad * w).sum(dim=1, keepdim=True) / w.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-30)
+        self.W_dec.grad -= parallel * w
+
+    # ---- checkpoints (sparsify's layout: cfg.json + sae.safetensors) ----
+
+    def save_to_disk(self, path: str | Path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            save_file(state, str(tmp))
+        write_config(path, self.cfg, self.d_in, self.d_out)
+
+    @staticmethod
+    def load_from_disk(path: str | Path, device: str | torch.device = "cpu", *, decoder: bool = True,
+                       dtype: torch.dtype | None = None) -> "SparseCoder":
+        """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given."""
+        path = Path(path)
+        cfg, d_in, d_out, header = validate_checkpoint(path)
+        file_dtype = _TORCH_DTYPES[header["encoder.weight"]["dtype"]]
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        for name, tensor in state.items():
+            check_finite(path, name, bool(torch.isfinite(tensor).all()))
+        if not decoder:
+            del state["W_dec"]
+        with torch.device("meta"):
+            sae = SparseCoder(d_in, cfg, dtype=file_dtype, decoder=decoder, d_out=d_out)
+        sae.load_state_dict(state, strict=True, assign=True)
+        return sae if dtype is None else sae.to(dtype)
+
+    @staticmethod
+    def load_many(path: str | Path, layers: list[str] | None = None, device: str | torch.device = "cpu", *,
+                  decoder: bool = True, pattern: str | None = None) -> dict[str, "SparseCoder"]:
+        """Load every hookpoint folder of a run folder, optionally only `layers` or those matching `pattern`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: run folder not found")
+        names = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file())
+        if layers is not None:
+            missing = sorted(set(layers) - set(names))
+            if missing:
+                raise CheckpointError(f"{path}: no hookpoint folder(s) {', '.join(missing)}; found {', '.join(names)}")
+            names = [n for n in names if n in layers]
+        if pattern is not None:
+            names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+        if not names:
+            raise CheckpointError(f"{path}: no hookpoint folders (each holds cfg.json and sae.safetensors)")
+        return {name: SparseCoder.load_from_disk(path / name, device, decoder=decoder) for name in names}

@@ -1,0 +1,136 @@
+"""sae_torch.SparseCoder against the float64 oracle (SPEC sections 2 and 4), on every config variant."""
+import numpy as np
+import pytest
+import torch
+
+from parity.compare import compare_with_oracle
+from parity.fixtures import all_cases, make_case
+from parity.oracle import evaluate
+from parity.runners import LOSS_AUXK_ALPHA, run_torch
+from sae_core.config import SparseCoderConfig
+from sae_torch import SparseCoder
+
+CASES = all_cases(seed=3)
+BF16_CASES = [c for c in CASES if c.name.endswith(("dead_none", "dead_many"))]
+
+
+def oracle_for(case, params, selection=None):
+    return evaluate(params, case.x, case.y, activation=case.cfg.activation, k=case.cfg.k,
+                    transcode=case.cfg.transcode, multi_topk=case.cfg.multi_topk, dead_mask=case.dead_mask,
+                    auxk_alpha=LOSS_AUXK_ALPHA, selection=selection)
+
+
+def check_against_oracle(case, dtype):
+    outputs, selection, params = run_torch(case, dtype)
+    # the oracle sees exactly what the backend saw: inputs and parameters rounded to its dtype
+    rounded = case if dtype == "float32" else _rounded(case, dtype)
+    ref = oracle_for(rounded, params, selection)
+    own = oracle_for(rounded, params)
+    checks = compare_with_oracle(outputs, ref, own, dtype=dtype, activation=case.cfg.activation, k=case.cfg.k,
+                                 dead_mask=case.dead_mask)
+    failed = [f"{c.quantity}: {c.error:.3g} > {c.ceiling:.3g}" for c in checks if not c.ok]
+    assert not failed, failed
+
+
+def _rounded(case, dtype):
+    from dataclasses import replace
+
+    cast = lambda a: None if a is None else torch.from_numpy(a).to(getattr(torch, dtype)).float().numpy()
+    return replace(case, x=cast(case.x), y=cast(case.y))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_fp32_matches_oracle(case):
+    check_against_oracle(case, "float32")
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.name)
+def test_bf16_matches_oracle(case):
+    check_against_oracle(case, "bfloat16")
+
+
+def test_auxk_without_b_dec_double_count():
+    """AuxK's e_hat has no b_dec: the buggy formulation (e_hat + b_dec) differs by far more than the tolerance."""
+    case = make_case(dead="many", seed=5)
+    outputs, selection, params = run_torch(case)
+    ref = oracle_for(case, params, selection)
+    assert abs(outputs["auxk_loss"] - ref.auxk_loss) <= 1e-5 * ref.auxk_loss
+    # the bug: e_hat := e_hat + b_dec, i.e. the target becomes e - b_dec
+    x, p = case.x.astype(np.float64), {n: v.astype(np.float64) for n, v in params.items()}
+    e = x - ref.sae_out
+    aux_acts = np.take_along_axis(ref.pre_acts, selection.aux_indices, axis=1)
+    e_hat = np.einsum("nk,nkd->nd", aux_acts, p["W_dec"][selection.aux_indices])
+    scale = min(case.dead_mask.sum() / (case.d_out // 2), 1.0)
+    total_variance = ((x - x.mean(0)) ** 2).sum()
+    buggy = scale * ((e_hat + p["b_dec"] - e) ** 2).sum() / total_variance
+    assert abs(buggy - ref.auxk_loss) > 100 * 1e-5 * ref.auxk_loss
+    assert abs(outputs["auxk_loss"] - buggy) > 100 * 1e-5 * ref.auxk_loss
+
+
+def test_auxk_gives_the_encoder_the_oracles_gradient():
+    case = make_case(dead="many", seed=6)
+    sae = SparseCoder(case.d_in, case.cfg, d_out=case.d_out)
+    sae.load_state_dict({n: torch.from_numpy(v) for n, v in case.params.items()})
+    out = sae(torch.from_numpy(case.x), dead_mask=torch.from_numpy(case.dead_mask))
+    out.auxk_loss.backward()
+    with_aux = evaluate(case.params, case.x, k=case.cfg.k, dead_mask=case.dead_mask, auxk_alpha=1.0)
+    without = evaluate(case.params, case.x, k=case.cfg.k, dead_mask=case.dead_mask, auxk_alpha=0.0)
+    expected = with_aux.grads["encoder.weight"] - without.grads["encoder.weight"]
+    got = sae.encoder.weight.grad.numpy()
+    assert np.abs(expected).max() > 1e-3  # AuxK really trains the encoder...
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()  # ...exactly as the oracle says
+    assert np.abs(got[~case.dead_mask]).max() == 0  # and only the dead latents' rows
+
+
+def test_zero_valued_selections_pass_no_gradient():
+    # k larger than the number of positive pre-activations: some chosen slots hold 0
+    cfg = SparseCoderConfig(num_latents=40, k=30)
+    sae = SparseCoder(8, cfg)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        sae.encoder.bias.fill_(-0.3)
+    out = sae(x)
+    assert (out.latent_acts == 0).any()
+    out.fvu.backward()
+    zero_rows = torch.ones(40, dtype=torch.bool)
+    zero_rows[out.latent_indices[out.latent_acts > 0]] = False
+    assert sae.encoder.weight.grad[zero_rows].abs().max() == 0
+    assert sae.encoder.weight.grad[~zero_rows].abs().max() > 0
+
+
+def test_multi_topk_keeps_the_k_outputs():
+    """Multi-TopK adds a loss; sae_out, latent_acts, latent_indices and fvu stay the k versions."""
+    from dataclasses import replace
+
+    case = make_case(multi_topk=True, dead="none", seed=7)
+    with_multi, _, _ = run_torch(case)
+    without, _, _ = run_torch(replace(case, cfg=replace(case.cfg, multi_topk=False)))
+    assert with_multi["latent_indices"].shape == (len(case.x), case.cfg.k)
+    for name in ("sae_out", "latent_acts", "latent_indices", "fvu"):
+        np.testing.assert_array_equal(with_multi[name], without[name])
+    assert with_multi["multi_topk_fvu"] > 0 and without["multi_topk_fvu"] == 0
+
+
+def test_init_follows_spec():
+    torch.manual_seed(0)
+    sae = SparseCoder(50, SparseCoderConfig(expansion_factor=4, k=4))
+    bound = 1 / np.sqrt(50)
+    assert sae.encoder.weight.abs().max() <= bound and sae.encoder.weight.abs().max() > 0.9 * bound
+    assert (sae.encoder.bias == 0).all() and (sae.b_dec == 0).all()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(200))
+    torch.testing.assert_close(sae.W_dec, sae.encoder.weight / sae.encoder.weight.norm(dim=1, keepdim=True))
+    transcoder = SparseCoder(50, SparseCoderConfig(expansion_factor=4, k=4, transcode=True, skip_connection=True),
+                             d_out=30)
+    assert transcoder.W_dec.shape == (200, 30) and (transcoder.W_dec == 0).all()
+    assert transcoder.W_skip.shape == (30, 50)
+
+
+def test_decoder_norm_utilities():
+    sae = SparseCoder(12, SparseCoderConfig(num_latents=30, k=3))
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(30, 1) + 0.5)
+    sae.set_decoder_norm_to_unit_norm()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(30))
+    sae.W_dec.grad = torch.randn(30, 12)
+    sae.remove_gradient_parallel_to_decoder_directions()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=1), torch.zeros(30), atol=1e-6, rtol=0)
