@@ -116,8 +116,8 @@ class SparseCoder(nn.Module):
         x_in = self.encoder_input(x)
         pre_acts = self.pre_acts(x_in)
         top_indices = self.select_indices(pre_acts)
-        need_aux = dead_mask is not None and bool(dead_mask.any())
-        aux_indices = self.aux_indices(pre_acts, dead_mask) if need_aux else None
+        num_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        aux_indices = self.aux_indices(pre_acts, dead_mask) if num_dead else None
         multi_indices = self.multi_topk_indices(pre_acts) if self.cfg.multi_topk else None
         del pre_acts  # only the sparse selections live on: the backward needs no dense [N, M] tensor
 
@@ -128,18 +128,23 @@ class SparseCoder(nn.Module):
         total_variance = (y - y.mean(0)).float().pow(2).sum()
         fvu = e.float().pow(2).sum() / total_variance
 
-        zero = fvu.new_zeros(())
-        auxk_loss = multi_topk_fvu = zero
+        auxk_loss = multi_topk_fvu = fvu.new_zeros(())
         if aux_indices is not None:
-            num_dead = int(dead_mask.sum())
-            scale = min(num_dead / (self.d_out // 2), 1.0)
-            # no b_dec and no skip term: the residual e already contains both
-            e_hat = sparse_decode(self.acts_at(x_in, aux_indices), aux_indices, self.W_dec)
-            auxk_loss = scale * (e_hat.float() - e.detach().float()).pow(2).sum() / total_variance
+            auxk_loss = self.auxk_loss(x_in, e, aux_indices, num_dead, total_variance)
         if multi_indices is not None:
-            multi_out = self.decode(self.acts_at(x_in, multi_indices), multi_indices) + skip
-            multi_topk_fvu = (multi_out - y).float().pow(2).sum() / total_variance
+            multi_topk_fvu = self.multi_topk_fvu(x_in, y, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
+
+    def auxk_loss(self, x_in: Tensor, e: Tensor, aux_indices: Tensor, num_dead: int, total_variance: Tensor):
+        """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
+        so e_hat has neither; e is a fixed target; the chosen latents' pre-activations train the encoder."""
+        scale = min(num_dead / (self.d_out // 2), 1.0)
+        e_hat = sparse_decode(self.acts_at(x_in, aux_indices), aux_indices, self.W_dec)
+        return scale * (e_hat.float() - e.detach().float()).pow(2).sum() / total_variance
+
+    def multi_topk_fvu(self, x_in: Tensor, y: Tensor, multi_indices: Tensor, skip, total_variance: Tensor):
+        multi_out = self.decode(self.acts_at(x_in, multi_indices), multi_indices) + skip
+        return (multi_out - y).float().pow(2).sum() / total_variance
 
     # ---- decoder-norm utilities ----
 
