@@ -29,6 +29,16 @@ class Case:
     def num_latents(self) -> int:
         return self.cfg.num_latents_for(self.d_in)
 
+    def rounded_to(self, dtype: str) -> "Case":
+        """The inputs as a backend of this dtype sees them (the oracle must see the same numbers)."""
+        if dtype == "float32":
+            return self
+        import ml_dtypes
+
+        np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+        cast = lambda a: None if a is None else a.astype(np_dtype).astype(np.float32)
+        return replace(self, x=cast(self.x), y=cast(self.y))
+
     def write(self, folder: Path) -> Path:
         """Write the parameters as a real checkpoint folder (cfg.json + sae.safetensors)."""
         save_checkpoint_numpy(folder, self.cfg, self.d_in, self.d_out, self.params)

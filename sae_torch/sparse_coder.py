@@ -172,8 +172,8 @@ class SparseCoder(nn.Module):
             save_file(state, str(tmp))
         write_config(path, self.cfg, self.d_in, self.d_out)
 
-    @staticmethod
-    def load_from_disk(path: str | Path, device: str | torch.device = "cpu", *, decoder: bool = True,
+    @classmethod
+    def load_from_disk(cls, path: str | Path, device: str | torch.device = "cpu", *, decoder: bool = True,
                        dtype: torch.dtype | None = None) -> "SparseCoder":
         """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given."""
         path = Path(path)
@@ -185,12 +185,12 @@ class SparseCoder(nn.Module):
         if not decoder:
             del state["W_dec"]
         with torch.device("meta"):
-            sae = SparseCoder(d_in, cfg, dtype=file_dtype, decoder=decoder, d_out=d_out)
+            sae = cls(d_in, cfg, dtype=file_dtype, decoder=decoder, d_out=d_out)
         sae.load_state_dict(state, strict=True, assign=True)
         return sae if dtype is None else sae.to(dtype)
 
-    @staticmethod
-    def load_many(path: str | Path, layers: list[str] | None = None, device: str | torch.device = "cpu", *,
+    @classmethod
+    def load_many(cls, path: str | Path, layers: list[str] | None = None, device: str | torch.device = "cpu", *,
                   decoder: bool = True, pattern: str | None = None) -> dict[str, "SparseCoder"]:
         """Load every hookpoint folder of a run folder, optionally only `layers` or those matching `pattern`."""
         path = Path(path)
@@ -206,4 +206,4 @@ class SparseCoder(nn.Module):
             names = [n for n in names if fnmatch.fnmatch(n, pattern)]
         if not names:
             raise CheckpointError(f"{path}: no hookpoint folders (each holds cfg.json and sae.safetensors)")
-        return {name: SparseCoder.load_from_disk(path / name, device, decoder=decoder) for name in names}
+        return {name: cls.load_from_disk(path / name, device, decoder=decoder) for name in names}

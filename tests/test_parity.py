@@ -1,0 +1,84 @@
+"""The parity suite runs in CI, and it catches the known bugs when they are injected."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parity.suite import available_paths, run_suite
+from sae_torch import SparseCoder
+from sae_torch.kernels.sparse_rows import sparse_decode
+
+
+def failing(rows):
+    return sorted({row.quantity for row in rows if not row.ok})
+
+
+def test_torch_eager_passes_every_case_fp32_and_bf16():
+    rows = run_suite(["torch-eager"], ("float32", "bfloat16"))
+    assert rows and not failing(rows)
+
+
+@pytest.mark.parametrize("path", ["mlx-fallback", "metal-harness"])
+def test_mlx_paths_pass(path):
+    reason = available_paths()[path]
+    if reason:
+        pytest.skip(reason)
+    rows = run_suite([path], ("float32", "bfloat16"), quick=True)
+    assert rows and not failing(rows)
+
+
+def test_cli_triton_interpreter_and_json():
+    """`python -m parity` runs the Triton kernels through the interpreter in a child process on CPU."""
+    if available_paths()["torch-triton"]:
+        pytest.skip(available_paths()["torch-triton"])
+    done = subprocess.run([sys.executable, "-m", "parity", "--paths", "torch-eager,torch-triton", "--quick",
+                           "--dtypes", "float32", "--json"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["ok"] and {r["path"] for r in report["rows"]} == {"torch-eager", "torch-triton"}
+    assert any(r["quantity"].startswith("vs torch-eager") for r in report["rows"])
+
+
+def test_cli_rejects_unknown_path():
+    done = subprocess.run([sys.executable, "-m", "parity", "--paths", "torch-magic"], capture_output=True, text=True)
+    assert done.returncode == 2 and "unknown path(s) torch-magic" in done.stderr
+
+
+# ---- known-bug guards: each bug, injected, makes the suite fail ----
+
+class BDecDoubleCount(SparseCoder):
+    """AuxK with e_hat + b_dec: the target becomes e - b_dec and b_dec gets a spurious gradient."""
+
+    def auxk_loss(self, x_in, e, aux_indices, num_dead, total_variance):
+        scale = min(num_dead / (self.d_out // 2), 1.0)
+        e_hat = sparse_decode(self.acts_at(x_in, aux_indices), aux_indices, self.W_dec) + self.b_dec
+        return scale * (e_hat - e.detach()).pow(2).sum() / total_variance
+
+
+class AuxKWithoutEncoderGradient(SparseCoder):
+    """sparsify's fused encoder: AuxK reads the pre-activations without a gradient, so it never trains the encoder."""
+
+    def auxk_loss(self, x_in, e, aux_indices, num_dead, total_variance):
+        scale = min(num_dead / (self.d_out // 2), 1.0)
+        e_hat = sparse_decode(self.acts_at(x_in, aux_indices).detach(), aux_indices, self.W_dec)
+        return scale * (e_hat - e.detach()).pow(2).sum() / total_variance
+
+
+class MultiTopKOverwritesOutputs(SparseCoder):
+    """Multi-TopK that replaces the k outputs with the 4k ones."""
+
+    def select_indices(self, pre_acts):
+        return self.multi_topk_indices(pre_acts) if self.cfg.multi_topk else super().select_indices(pre_acts)
+
+
+@pytest.mark.parametrize("bug, expected", [
+    (BDecDoubleCount, {"auxk_loss", "grad b_dec"}),
+    (AuxKWithoutEncoderGradient, {"grad encoder.weight", "grad encoder.bias"}),
+    (MultiTopKOverwritesOutputs, {"selection", "index sets (entries > 0, no near-ties)"}),
+])
+def test_suite_catches_injected_bug(bug, expected):
+    rows = run_suite(["torch-eager"], ("float32",), quick=True, coder_cls=bug)
+    assert expected <= set(failing(rows)), failing(rows)
+    assert not failing(run_suite(["torch-eager"], ("float32",), quick=True))  # the real coder passes the same cases
