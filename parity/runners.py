@@ -13,18 +13,20 @@ LOSS_AUXK_ALPHA = 0.5  # larger than the training default so the AuxK gradient i
 
 
 def run_torch(case: Case, dtype: str = "float32", device: str = "cpu", auxk_alpha: float = LOSS_AUXK_ALPHA,
-              checkpoint=None) -> tuple[dict, Selection, dict]:
+              checkpoint=None, coder_cls=None) -> tuple[dict, Selection, dict]:
     """Returns (outputs, selection, params as the backend held them). With `checkpoint` (a folder written by
-    `case.write`), the coder is loaded from that file rather than built from the arrays."""
+    `case.write`), the coder is loaded from that file rather than built from the arrays. `coder_cls` swaps in a
+    SparseCoder subclass (the known-bug guards inject bugs this way)."""
     import torch
 
     from sae_torch import SparseCoder
 
+    coder_cls = coder_cls or SparseCoder
     torch_dtype = getattr(torch, dtype)
     if checkpoint is not None:
-        sae = SparseCoder.load_from_disk(checkpoint, device=device, dtype=torch_dtype)
+        sae = coder_cls.load_from_disk(checkpoint, device=device, dtype=torch_dtype)
     else:
-        sae = SparseCoder(case.d_in, case.cfg, device=device, dtype=torch_dtype, d_out=case.d_out)
+        sae = coder_cls(case.d_in, case.cfg, device=device, dtype=torch_dtype, d_out=case.d_out)
         sae.load_state_dict({n: torch.from_numpy(v) for n, v in case.params.items()})
     x = torch.from_numpy(case.x).to(device, torch_dtype)
     y = None if case.y is None else torch.from_numpy(case.y).to(device, torch_dtype)
@@ -49,3 +51,52 @@ def run_torch(case: Case, dtype: str = "float32", device: str = "cpu", auxk_alph
 
 def _np(t) -> np.ndarray:
     return t.detach().float().cpu().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+
+
+def run_mlx(case: Case, dtype: str = "float32", auxk_alpha: float = LOSS_AUXK_ALPHA,
+            checkpoint=None, coder_cls=None) -> tuple[dict, Selection, dict]:
+    """MLX twin of `run_torch`: (outputs, selection, params as the backend held them), gradients by parameter
+    name from `nn.value_and_grad` of loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8 (eager, not
+    compiled; the AuxK selection is then the exact k_aux one). `coder_cls` swaps in a SparseCoder subclass."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from sae_mlx import SparseCoder
+
+    coder_cls = coder_cls or SparseCoder
+    mlx_dtype = getattr(mx, dtype)
+    if checkpoint is not None:
+        sae = coder_cls.load_from_disk(checkpoint, dtype=mlx_dtype)
+    else:
+        sae = coder_cls(case.d_in, case.cfg, dtype=mlx_dtype, d_out=case.d_out)
+        sae.load_weights([(n, mx.array(v).astype(mlx_dtype)) for n, v in case.params.items()], strict=True)
+    x = mx.array(case.x).astype(mlx_dtype)
+    y = None if case.y is None else mx.array(case.y).astype(mlx_dtype)
+    dead = None if case.dead_mask is None else mx.array(case.dead_mask)
+
+    def loss_fn(model, x, y, dead):
+        out = model(x, y, dead_mask=dead)
+        return out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8, out
+
+    (_, out), grads = nn.value_and_grad(sae, loss_fn)(sae, x, y, dead)
+    mx.eval(out, grads)
+
+    pre = sae.pre_acts(sae.encoder_input(x))
+    selection = Selection(
+        _mx_np(out.latent_indices),
+        _mx_np(sae.aux_indices(pre, dead)) if dead is not None and bool(dead.any()) else None,
+        _mx_np(sae.multi_topk_indices(pre)) if case.cfg.multi_topk else None,
+    )
+    outputs = {name: _mx_np(value) for name, value in out._asdict().items()}
+    outputs["grads"] = {name: _mx_np(g) for name, g in tree_flatten(grads)}
+    params = {name: _mx_np(p) for name, p in tree_flatten(sae.parameters())}
+    return outputs, selection, params
+
+
+def _mx_np(a) -> np.ndarray:
+    """NumPy copy of an MLX array; floats come back as float32 (np.array() of a bf16 MLX array raises, and
+    bf16 -> fp32 is exact)."""
+    import mlx.core as mx
+
+    return np.array(a.astype(mx.float32)) if mx.issubdtype(a.dtype, mx.floating) else np.array(a)

@@ -1,0 +1,336 @@
+"""The TopK sparse coder (autoencoder or transcoder) of SPEC section 2, with sparsify's API and names, in MLX.
+
+The exact mirror of `sae_torch/sparse_coder.py`. The dense pre-activations are computed under `mx.stop_gradient`
+and used only to choose latents; the chosen values are then recomputed differentiably by a sparse gather-dot
+(`sparse_encode`). So the backward never touches a dense [N, M] array, and AuxK and Multi-TopK train the encoder
+through exactly the latents they select.
+
+Differences forced by MLX (everything else is name for name the torch module):
+
+* The forward pass is `__call__` (mlx.nn style); `forward` is the same method under torch's name.
+* Gradients are a returned tree, not `.grad` attributes, so `remove_gradient_parallel_to_decoder_directions`
+  takes the gradient dict from `nn.value_and_grad` and returns it with `W_dec`'s entry projected.
+* AuxK under `mx.compile`. The number of dead latents sets a shape (k_aux), and `int(dead_mask.sum())` cannot be
+  read inside a compiled function. So the coder reads it when it can (eager calls, also under
+  `nn.value_and_grad`): then k_aux = min(d_out // 2, num_dead) slots, exactly as torch, and nothing at all when no
+  latent is dead. When it cannot (inside `mx.compile`), it uses a fixed-size AuxK with no host sync: it takes
+  min(d_out // 2, M) slots of `where(dead_mask, pre, -inf)` and zeroes the slots that landed on live latents
+  (there are some only when num_dead < d_out // 2; then every dead latent is among the slots). That is the same
+  set of latents, the same loss and the same gradients, so a compiled training step just passes `dead_mask`
+  (a bool [M] array, an input of the compiled function) and compiles once, whatever the number of dead latents.
+  The price: d_out // 2 aux slots per token even when few (or no) latents are dead; a trainer that knows no
+  latent is dead may pass `dead_mask=None` instead (a second compiled graph). A compiled step is written the
+  usual MLX way, `mx.compile(step, inputs=[model.state, opt.state], outputs=[model.state, opt.state])`; the
+  `outputs` are needed even for a step that only returns loss and grads, because `nn.value_and_grad` puts the
+  traced parameters into the module while tracing.
+* No `device` argument (MLX has unified memory); `dtype` is the third positional argument. `d_in`, `d_out`,
+  `num_latents` and `cfg` are read-only properties. Indices are int32 (`mx.argpartition` gives uint32).
+* The total variance is computed from y cast to fp32 first (torch subtracts a mean taken in the model dtype,
+  then casts); the same in fp32, a little more exact in bf16.
+* The dense pre-activation and the selection run over row chunks when N * M would reach 2**31 elements
+  (`_DENSE_LIMIT`), the int32 limit of MLX's element indexing.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, write_config
+from sae_core.config import SparseCoderConfig
+from sae_core.errors import CheckpointError
+
+from .kernels.sparse_rows import sparse_decode, sparse_encode
+
+_MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float64}
+
+# A dense [rows, M] array (pre-activations, the selection's sort keys) stays below this many elements: MLX
+# indexes elements with int32 in places. Read at call time, so a test can lower it.
+_DENSE_LIMIT = 2**31
+
+
+class EncoderOutput(NamedTuple):
+    top_acts: mx.array
+    top_indices: mx.array
+    pre_acts: mx.array  # dense [N, M], under stop_gradient: used for selection only
+
+
+class ForwardOutput(NamedTuple):
+    sae_out: mx.array
+    latent_acts: mx.array
+    latent_indices: mx.array
+    fvu: mx.array
+    auxk_loss: mx.array
+    multi_topk_fvu: mx.array
+
+
+def row_chunks(num_rows: int, num_latents: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges whose dense [rows, num_latents] blocks each stay below `_DENSE_LIMIT` elements."""
+    if num_rows * num_latents < _DENSE_LIMIT:
+        return [(0, num_rows)]
+    step = max(1, (_DENSE_LIMIT - 1) // num_latents)
+    return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+def _topk_indices(values: mx.array, k: int) -> mx.array:
+    """Indices of the k largest entries of each row, in no particular order (int32)."""
+    return mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+
+
+def _count_dead(dead_mask: mx.array) -> int | None:
+    """The number of dead latents as a Python int (a host sync), or None inside `mx.compile`, where arrays
+    cannot be evaluated."""
+    try:
+        return int(dead_mask.sum())
+    except ValueError as error:  # "[eval] Attempting to eval an array during function transformations ..."
+        if "function transformations" in str(error):
+            return None
+        raise
+
+
+class SparseCoder(nn.Module):
+    def __init__(self, d_in: int, cfg: SparseCoderConfig, dtype: mx.Dtype | None = None, *,
+                 decoder: bool = True, d_out: int | None = None):
+        super().__init__()
+        self._cfg = cfg
+        self._d_in = d_in
+        self._d_out = d_in if d_out is None else d_out
+        self._num_latents = cfg.num_latents_for(d_in)
+        cfg.validate(d_in, self._d_out)
+        dtype = mx.float32 if dtype is None else dtype
+
+        self.encoder = nn.Linear(d_in, self._num_latents)  # weight and bias uniform(+-1/sqrt(d_in))
+        self.encoder.weight = self.encoder.weight.astype(dtype)
+        self.encoder.bias = mx.zeros((self._num_latents,), dtype=dtype)
+        if not decoder:
+            self.W_dec = None
+        elif cfg.transcode:
+            self.W_dec = mx.zeros((self._num_latents, self._d_out), dtype=dtype)
+        else:
+            self.W_dec = mx.array(self.encoder.weight)
+            self.set_decoder_norm_to_unit_norm()
+        self.b_dec = mx.zeros((self._d_out,), dtype=dtype)
+        if cfg.skip_connection:
+            self.W_skip = mx.zeros((self._d_out, d_in), dtype=dtype)
+        else:
+            self.W_skip = None
+
+    @property
+    def cfg(self) -> SparseCoderConfig:
+        return self._cfg
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
+
+    @property
+    def num_latents(self) -> int:
+        return self._num_latents
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.encoder.weight.dtype
+
+    # ---- selection (under stop_gradient: it only chooses indices) ----
+
+    def select_indices(self, pre_acts: mx.array) -> mx.array:
+        if self.cfg.activation == "groupmax":
+            k = self.cfg.k
+            group_max = pre_acts.reshape(*pre_acts.shape[:-1], k, -1).argmax(axis=-1).astype(mx.int32)
+            offsets = mx.arange(0, self.num_latents, self.num_latents // k, dtype=mx.int32)
+            return group_max + offsets
+        return _topk_indices(pre_acts, self.cfg.k)
+
+    def aux_indices(self, pre_acts: mx.array, dead_mask: mx.array) -> mx.array:
+        """The AuxK latents: the k_aux largest pre-activations among the dead latents (reads num_dead: eager only)."""
+        k_aux = min(self.d_out // 2, int(dead_mask.sum()))
+        dead_only = mx.where(dead_mask, pre_acts, -mx.inf)
+        return _topk_indices(dead_only, k_aux)
+
+    def _fixed_aux_indices(self, pre_acts: mx.array, dead_mask: mx.array) -> mx.array:
+        """AuxK with a fixed number of slots, min(d_out // 2, M), for `mx.compile`: slots on live latents (if
+        any) must be zeroed by the caller (`dead_mask[indices]`)."""
+        dead_only = mx.where(dead_mask, pre_acts, -mx.inf)
+        return _topk_indices(dead_only, min(self.d_out // 2, self.num_latents))
+
+    def multi_topk_indices(self, pre_acts: mx.array) -> mx.array:
+        return _topk_indices(pre_acts, min(4 * self.cfg.k, self.num_latents))
+
+    # ---- the differentiable pieces ----
+
+    def encoder_input(self, x: mx.array) -> mx.array:
+        return x if self.cfg.transcode else x - self.b_dec
+
+    def acts_at(self, x_in: mx.array, indices: mx.array) -> mx.array:
+        """relu(pre-activation) of the chosen latents, recomputed sparsely so that gradients reach the encoder."""
+        return nn.relu(sparse_encode(x_in, self.encoder.weight, indices) + self.encoder.bias[indices])
+
+    def pre_acts(self, x_in: mx.array) -> mx.array:
+        return mx.stop_gradient(nn.relu(x_in @ self.encoder.weight.T + self.encoder.bias))
+
+    def _pre_acts_chunks(self, x_in: mx.array):
+        """(rows, dense pre-activations of those rows) for row chunks below `_DENSE_LIMIT` elements."""
+        for start, stop in row_chunks(x_in.shape[0], self.num_latents):
+            rows = x_in if (start, stop) == (0, x_in.shape[0]) else x_in[start:stop]
+            yield self.pre_acts(rows)
+
+    def encode(self, x: mx.array) -> EncoderOutput:
+        x_in = self.encoder_input(x)
+        pres = list(self._pre_acts_chunks(x_in))
+        top_indices = _cat([self.select_indices(pre) for pre in pres])
+        pre_acts = _cat(pres)  # the dense [N, M] array the caller asked for
+        return EncoderOutput(self.acts_at(x_in, top_indices), top_indices, pre_acts)
+
+    def decode(self, top_acts: mx.array, top_indices: mx.array) -> mx.array:
+        assert self.W_dec is not None, "this coder was loaded with decoder=False"
+        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+
+    def __call__(self, x: mx.array, y: mx.array | None = None, *,
+                 dead_mask: mx.array | None = None) -> ForwardOutput:
+        y = x if y is None else y
+        x_in = self.encoder_input(x)
+        num_dead = None if dead_mask is None else _count_dead(dead_mask)  # None: inside mx.compile
+        need_aux = dead_mask is not None and (num_dead is None or num_dead > 0)
+        fixed_aux = need_aux and num_dead is None
+
+        top, aux, multi = [], [], []
+        for pre_acts in self._pre_acts_chunks(x_in):  # only the sparse selections live on
+            top.append(self.select_indices(pre_acts))
+            if need_aux:
+                aux.append(self._fixed_aux_indices(pre_acts, dead_mask) if fixed_aux
+                           else self.aux_indices(pre_acts, dead_mask))
+            if self.cfg.multi_topk:
+                multi.append(self.multi_topk_indices(pre_acts))
+        top_indices = _cat(top)
+
+        skip = x.astype(self.W_skip.dtype) @ self.W_skip.T if self.W_skip is not None else 0
+        top_acts = self.acts_at(x_in, top_indices)
+        sae_out = self.decode(top_acts, top_indices) + skip
+        e = y - sae_out
+        y32 = y.astype(mx.float32)
+        total_variance = mx.square(y32 - y32.mean(axis=0)).sum()
+        fvu = mx.square(e.astype(mx.float32)).sum() / total_variance
+
+        auxk_loss = multi_topk_fvu = mx.zeros((), dtype=mx.float32)
+        if need_aux:
+            aux_indices = _cat(aux)
+            if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
+                auxk_loss = self.auxk_loss(x_in, e, aux_indices, dead_mask.sum(), total_variance,
+                                           slot_mask=dead_mask[aux_indices])
+            else:
+                auxk_loss = self.auxk_loss(x_in, e, aux_indices, num_dead, total_variance)
+        if self.cfg.multi_topk:
+            multi_topk_fvu = self.multi_topk_fvu(x_in, y, _cat(multi), skip, total_variance)
+        return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
+
+    def auxk_loss(self, x_in: mx.array, e: mx.array, aux_indices: mx.array, num_dead: int | mx.array,
+                  total_variance: mx.array, *, slot_mask: mx.array | None = None) -> mx.array:
+        """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
+        so e_hat has neither; e is a fixed target; the chosen latents' pre-activations train the encoder.
+
+        `num_dead` is a Python int (eager) or a scalar array (the fixed-size AuxK inside `mx.compile`, which also
+        passes `slot_mask` [N, k_aux]: False for slots on live latents, whose activations are zeroed)."""
+        half = self.d_out // 2
+        if isinstance(num_dead, mx.array):
+            scale = mx.minimum(num_dead.astype(mx.float32) / half, 1.0)
+        else:
+            scale = min(num_dead / half, 1.0)
+        aux_acts = self.acts_at(x_in, aux_indices)
+        if slot_mask is not None:
+            aux_acts = mx.where(slot_mask, aux_acts, 0)
+        e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
+        return scale * mx.square(e_hat.astype(mx.float32) - mx.stop_gradient(e).astype(mx.float32)).sum() \
+            / total_variance
+
+    def multi_topk_fvu(self, x_in: mx.array, y: mx.array, multi_indices: mx.array, skip,
+                       total_variance: mx.array) -> mx.array:
+        multi_out = self.decode(self.acts_at(x_in, multi_indices), multi_indices) + skip
+        return mx.square((multi_out - y).astype(mx.float32)).sum() / total_variance
+
+    forward = __call__
+
+    # ---- decoder-norm utilities ----
+
+    def set_decoder_norm_to_unit_norm(self):
+        assert self.W_dec is not None, "this coder has no decoder"
+        eps = mx.finfo(self.W_dec.dtype).eps
+        norm = mx.linalg.norm(self.W_dec, axis=1, keepdims=True)
+        self.W_dec = mx.stop_gradient(self.W_dec / (norm + eps)).astype(self.W_dec.dtype)
+
+    def remove_gradient_parallel_to_decoder_directions(self, grads: dict) -> dict:
+        """Return `grads` (the gradient tree of this module, as `nn.value_and_grad` gives it, or a flat dict by
+        parameter name) with each `W_dec` row's component along that row of `W_dec` removed. MLX gradients are
+        values, not attributes, so this returns a new dict (shallow copy) rather than editing in place."""
+        assert self.W_dec is not None and grads.get("W_dec") is not None, "no decoder gradient to project"
+        w, g = self.W_dec, grads["W_dec"]
+        parallel = (g * w).sum(axis=1, keepdims=True) / mx.maximum(mx.square(w).sum(axis=1, keepdims=True), 1e-30)
+        return {**grads, "W_dec": (g - parallel * w).astype(g.dtype)}
+
+    # ---- checkpoints (sparsify's layout: cfg.json + sae.safetensors) ----
+
+    def save_to_disk(self, path: str | Path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = dict(tree_flatten(self.parameters()))
+        mx.eval(state)
+        with atomic_path(path / WEIGHTS_FILE) as tmp:
+            # mx.save_safetensors appends ".safetensors" to a name without it: write there, then move onto tmp
+            staged = tmp.with_name(tmp.name + ".safetensors")
+            try:
+                mx.save_safetensors(str(staged), state)
+                os.replace(staged, tmp)
+            finally:
+                staged.unlink(missing_ok=True)
+        write_config(path, self.cfg, self.d_in, self.d_out)
+
+    @classmethod
+    def load_from_disk(cls, path: str | Path, *, decoder: bool = True, dtype: mx.Dtype | None = None) -> "SparseCoder":
+        """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given. With `decoder=False`
+        `W_dec` is not loaded (`b_dec` is: an autoencoder's encoder input is x - b_dec)."""
+        path = Path(path)
+        cfg, d_in, d_out, header = validate_checkpoint(path)
+        file_dtype = _MLX_DTYPES[header["encoder.weight"]["dtype"]]
+        state = mx.load(str(path / WEIGHTS_FILE))
+        for name, tensor in state.items():
+            check_finite(path, name, bool(mx.isfinite(tensor).all()))
+        if not decoder:
+            state = {n: t for n, t in state.items() if n != "W_dec"}
+        # MLX is lazy: the random init below is never computed, the loaded arrays replace it
+        sae = cls(d_in, cfg, dtype=file_dtype, decoder=decoder, d_out=d_out)
+        sae.load_weights(list(state.items()), strict=True)
+        if dtype is not None:
+            sae.set_dtype(dtype)
+        return sae
+
+    @classmethod
+    def load_many(cls, path: str | Path, layers: list[str] | None = None, *, decoder: bool = True,
+                  pattern: str | None = None) -> dict[str, "SparseCoder"]:
+        """Load every hookpoint folder of a run folder, optionally only `layers` or those matching `pattern`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: run folder not found")
+        names = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file())
+        if layers is not None:
+            missing = sorted(set(layers) - set(names))
+            if missing:
+                raise CheckpointError(f"{path}: no hookpoint folder(s) {', '.join(missing)}; found {', '.join(names)}")
+            names = [n for n in names if n in layers]
+        if pattern is not None:
+            names = [n for n in names if fnmatch.fnmatch(n, pattern)]
+        if not names:
+            raise CheckpointError(f"{path}: no hookpoint folders (each holds cfg.json and sae.safetensors)")
+        return {name: cls.load_from_disk(path / name, decoder=decoder) for name in names}
+
+
+def _cat(parts: list[mx.array]) -> mx.array:
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
