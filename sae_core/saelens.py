@@ -1,0 +1,450 @@
+"""SAELens's on-disk format, read and written with NumPy only (no torch, no sae_lens import).
+
+Checked against the source of sae-lens 6.54.12 (the newest on PyPI when this was written: `sae_lens/saes/sae.py`,
+`saes/topk_sae.py`, `saes/transcoder.py`, `loading/pretrained_sae_loaders.py`), and by loading our output in that
+package (tests/test_convert.py, when sae_lens is importable or SAE_LENS_PYTHON names a Python that has it).
+
+A SAELens folder holds `cfg.json` and `sae_weights.safetensors`. Tensors (row-major, `x @ W`):
+
+    W_enc [d_in, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_out]   b_dec [d_out]   W_skip [d_out, d_in] (skip only)
+
+`cfg.json` (what `SAEConfig.to_dict()` writes since 6.0): `architecture`, `d_in`, `d_sae`, `dtype` ("float32",
+"bfloat16", ...; SAELens casts every tensor to it on load), `device`, `apply_b_dec_to_input`,
+`normalize_activations` ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm",
+"covariance_whitening"), `reshape_activations` ("none" or "hook_z"), `metadata` (model_name, hook_name,
+sae_lens_version, ... and any extra key), plus per architecture: `k` and `rescale_acts_by_decoder_norm` for "topk",
+`d_out` for transcoders. Before 6.0 the fields were flat (`hook_point`, `activation_fn_str`/`activation_fn`,
+`activation_fn_kwargs: {"k": ...}`, a boolean `normalize_activations`, no `sae_lens_version` in `metadata`); SAELens
+maps those with `handle_pre_6_0_config`, and so does `read_saelens` here.
+
+SAELens's forward (inference classes):
+
+    topk:        pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
+                 if rescale_acts_by_decoder_norm: pre = pre * ||W_dec row||
+                 acts = relu(topk(pre, k)) (zeros elsewhere)
+                 out = (acts / ||W_dec row|| if rescale else acts) @ W_dec + b_dec
+    transcoder:  pre = x @ W_enc + b_enc (never subtracts b_dec: apply_b_dec_to_input must be false), acts = relu(pre)
+                 (every positive latent fires: a ReLU transcoder), out = acts @ W_dec + b_dec (+ x @ W_skip.T for
+                 "skip_transcoder")
+
+How ours maps (SPEC section 1/2):
+- autoencoder <-> "topk" with apply_b_dec_to_input true: W_enc = encoder.weight.T, the rest as is (bit-exact).
+- From "topk": rescale_acts_by_decoder_norm is folded first (W_enc columns and b_enc times ||W_dec row||, W_dec rows
+  divided by it: the same function); apply_b_dec_to_input false is folded into b_enc (b_enc + b_dec @ W_enc).
+- transcoder: sae-lens 6.54.12 has NO TopK transcoder. Its "transcoder"/"skip_transcoder" apply a plain ReLU to all
+  latents, so writing a TopK transcoder under those names would make SAELens compute a different function without any
+  error. We write the architectures "topk_transcoder" / "topk_skip_transcoder" instead (the Transcoder layout plus
+  `k`); plain SAELens refuses them loudly (unknown architecture) until `register_with_sae_lens()` (below, imports torch
+  and sae_lens lazily) registers the two TopK transcoder classes. Reading SAELens's own ReLU transcoders is refused.
+- Refused, with a message that names the reason: groupmax (no SAELens counterpart), skip_connection on an
+  autoencoder, and from SAELens every architecture but topk / topk_transcoder / topk_skip_transcoder (standard ReLU,
+  jumprelu thresholds, gated, abstopk, ReLU transcoders, ...), normalize_activations other than "none" (the function
+  depends on an unfolded statistic or a per-token normalisation), a non-trivial finetuning `scaling_factor`.
+- What the other side cannot hold travels as metadata: our config in SAELens `metadata["sparsify"]`, SAELens's
+  metadata/architecture in an extra `saelens` key of our cfg.json (extra keys are ignored by sparsify and by us), so
+  ours -> SAELens -> ours restores the config exactly (multi_topk, normalize_decoder, expansion_factor included).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import FLOAT_DTYPES, load_safetensors_numpy, read_header, save_safetensors_numpy, write_text_atomic
+from .config import SparseCoderConfig
+from .errors import CheckpointError, UserError
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SAELENS_VERSION = "6.54.12"  # the sae-lens release whose source and loader this module was checked against
+
+TOPK = "topk"
+TOPK_TRANSCODER = "topk_transcoder"
+TOPK_SKIP_TRANSCODER = "topk_skip_transcoder"
+SUPPORTED = (TOPK, TOPK_TRANSCODER, TOPK_SKIP_TRANSCODER)
+
+# Why each SAELens architecture we cannot represent is refused.
+REFUSED = {
+    "standard": "a ReLU SAE (every latent with a positive pre-activation fires, no k); ours are TopK only",
+    "jumprelu": "a JumpReLU SAE (per-latent thresholds); ours are TopK and have no thresholds",
+    "gated": "a gated SAE (separate gate and magnitude paths); ours are TopK only",
+    "abstopk": "an AbsTopK SAE (selects by |pre-activation| and keeps negative values); ours select by value after ReLU",
+    "batchtopk": "a BatchTopK SAE (selection across the batch; SAELens saves it for inference as 'jumprelu')",
+    "matryoshka_batchtopk": "a Matryoshka BatchTopK SAE (selection across the batch)",
+    "transcoder": ("SAELens's ReLU transcoder (every latent with a positive pre-activation fires, no k); ours are "
+                   "TopK transcoders"),
+    "skip_transcoder": ("SAELens's ReLU skip transcoder (every latent with a positive pre-activation fires, no k); "
+                        "ours are TopK transcoders"),
+    "jumprelu_transcoder": "a JumpReLU transcoder (per-latent thresholds); ours are TopK and have no thresholds",
+    "jumprelu_skip_transcoder": "a JumpReLU skip transcoder (per-latent thresholds); ours are TopK",
+    "temporal": "a temporal SAE (attends over earlier tokens); ours encode each token on its own",
+    "matching_pursuit": "a matching-pursuit SAE (iterative residual encoding); ours are TopK",
+}
+
+_DTYPE_NAMES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass
+class SaeLensCheckpoint:
+    """A validated SAELens folder: its config (normalised to 6.x fields) and its tensors, as stored."""
+    folder: Path
+    architecture: str
+    d_in: int
+    d_sae: int
+    d_out: int
+    k: int
+    apply_b_dec_to_input: bool
+    rescale_acts_by_decoder_norm: bool
+    reshape_activations: str
+    metadata: dict
+    tensors: dict[str, np.ndarray]
+    raw_cfg: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def skip(self) -> bool:
+        return "W_skip" in self.tensors
+
+
+def is_saelens_folder(folder: Path) -> bool:
+    return (Path(folder) / WEIGHTS_FILE).is_file()
+
+
+def _bool(cfg: dict, key: str, default: bool, where: str) -> bool:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _positive_int(cfg: dict, key: str, where: str) -> int:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CheckpointError(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _normalise_config(raw: dict, where: str) -> dict:
+    """SAELens's own pre-6.0 mapping (handle_pre_6_0_config), limited to the fields that matter here."""
+    cfg = dict(raw)
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    major = _major(cfg.get("sae_lens_version") or metadata.get("sae_lens_version"))
+    if major is not None and major >= 6:
+        return cfg
+    # pre-6.0: flat fields, architecture defaults to "standard", topk from activation_fn(_str) + activation_fn_kwargs
+    renames = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+               "activation_fn_str": "activation_fn"}
+    cfg = {renames.get(key, key): value for key, value in cfg.items()}
+    cfg.setdefault("apply_b_dec_to_input", True)
+    cfg.setdefault("architecture", "standard")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    if cfg.get("activation_fn") == "topk":
+        if not isinstance(kwargs, dict) or kwargs.get("k") is None:
+            raise CheckpointError(f"{where}: activation_fn is 'topk' but activation_fn_kwargs has no 'k'")
+        cfg["architecture"] = TOPK
+        cfg["k"] = kwargs["k"]
+    elif cfg["architecture"] == TOPK and cfg.get("k") is None and isinstance(kwargs, dict) and "k" in kwargs:
+        cfg["k"] = kwargs["k"]
+    elif cfg.get("activation_fn") not in (None, "relu") and cfg["architecture"] == "standard":
+        raise CheckpointError(f"{where}: activation_fn {cfg.get('activation_fn')!r} is not supported "
+                              f"(only topk SAEs convert)")
+    if isinstance(cfg.get("normalize_activations"), bool):
+        cfg["normalize_activations"] = "expected_average_only_in" if cfg["normalize_activations"] else "none"
+    if cfg.get("normalize_activations") is None:
+        cfg["normalize_activations"] = "none"
+    meta = dict(metadata)
+    for key in ("model_name", "hook_name", "hook_head_index", "context_size", "dataset_path", "prepend_bos"):
+        if key in cfg and key not in meta:
+            meta[key] = cfg[key]
+    cfg["metadata"] = meta
+    return cfg
+
+
+def read_saelens(folder: Path) -> SaeLensCheckpoint:
+    """Read and validate a SAELens folder; refuse, naming the reason, whatever ours cannot compute the same way."""
+    folder = Path(folder)
+    cfg_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing; a SAELens folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+        assert isinstance(raw, dict)
+    except (ValueError, AssertionError, UnicodeDecodeError):
+        raise CheckpointError(f"{cfg_path}: not a JSON object") from None
+    where = str(cfg_path)
+    cfg = _normalise_config(raw, where)
+    arch = cfg.get("architecture")
+    if arch in REFUSED:
+        raise UserError(f"{folder}: cannot convert SAELens architecture {arch!r}: it is {REFUSED[arch]}")
+    if arch not in SUPPORTED:
+        raise UserError(f"{folder}: cannot convert SAELens architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
+
+    norm = cfg.get("normalize_activations", "none")
+    if norm != "none":
+        hint = {
+            "expected_average_only_in": ("its inputs must be multiplied by a scaling factor that cfg.json does not "
+                                         "store; fold it first with SAELens (sae.fold_activation_norm_scaling_factor"
+                                         "(factor), then sae.cfg.normalize_activations = 'none' and save_model)"),
+            "covariance_whitening": ("its inputs must be whitened with statistics that cfg.json does not store; fold "
+                                     "them first with SAELens's sae.fold_activation_whitening(...)"),
+            "constant_norm_rescale": "it rescales every input to norm sqrt(d_in) at run time, which ours cannot do",
+            "layer_norm": "it layer-normalises every input at run time, which ours cannot do",
+        }.get(norm, "ours has no input normalisation")
+        raise UserError(f"{folder}: cannot convert normalize_activations={norm!r}: {hint}")
+
+    d_in = _positive_int(cfg, "d_in", where)
+    d_sae = _positive_int(cfg, "d_sae", where)
+    transcoder = arch != TOPK
+    d_out = _positive_int(cfg, "d_out", where) if transcoder else d_in
+    k = _positive_int(cfg, "k", where)
+    if k > d_sae:
+        raise CheckpointError(f"{where}: k={k} is larger than d_sae={d_sae}")
+    apply_b_dec = _bool(cfg, "apply_b_dec_to_input", not transcoder, where)
+    if transcoder and apply_b_dec:
+        raise CheckpointError(f"{where}: apply_b_dec_to_input is true, which SAELens does not allow for transcoders")
+    rescale = _bool(cfg, "rescale_acts_by_decoder_norm", False, where) if not transcoder else False
+    reshape = cfg.get("reshape_activations", "none") or "none"
+    if reshape not in ("none", "hook_z"):
+        raise UserError(f"{folder}: cannot convert reshape_activations={reshape!r} (only 'none' and 'hook_z')")
+
+    header, _ = read_header(weights_path)
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if arch == TOPK_SKIP_TRANSCODER:
+        expected["W_skip"] = (d_out, d_in)
+    names = set(header)
+    if "scaling_factor" in names:
+        names.discard("scaling_factor")
+    missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+    if missing:
+        raise CheckpointError(f"{weights_path}: missing tensor(s) {', '.join(missing)} required by SAELens "
+                              f"architecture {arch!r}")
+    if extra:
+        raise UserError(f"{weights_path}: unexpected tensor(s) {', '.join(extra)} for SAELens architecture {arch!r}; "
+                        f"converting would drop them")
+    for name, shape in expected.items():
+        got = tuple(header[name]["shape"])
+        if got != shape:
+            hint = " (transposed? SAELens stores W_dec as [d_sae, d_out])" if got == shape[::-1] else ""
+            raise CheckpointError(f"{weights_path}: tensor {name!r} has shape {got}, but {CONFIG_FILE} (d_in={d_in}, "
+                                  f"d_sae={d_sae}, d_out={d_out}) implies {shape}{hint}")
+        if header[name]["dtype"] not in FLOAT_DTYPES:
+            raise CheckpointError(f"{weights_path}: tensor {name!r} has dtype {header[name]['dtype']}, "
+                                  f"expected a float type")
+    tensors, _ = load_safetensors_numpy(weights_path)
+    for name, value in tensors.items():
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise CheckpointError(f"{weights_path}: tensor {name!r} contains NaN or Inf values; this checkpoint "
+                                  f"is corrupt")
+    if "scaling_factor" in tensors:
+        factor = tensors.pop("scaling_factor")
+        if not np.all(factor.astype(np.float64) == 1.0):
+            raise UserError(f"{weights_path}: a finetuning scaling_factor that is not all ones (an old SAELens "
+                            f"fine-tuning option); load and re-save it with a current SAELens first")
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    return SaeLensCheckpoint(folder, arch, d_in, d_sae, d_out, k, apply_b_dec, rescale, reshape, dict(metadata),
+                             tensors, raw)
+
+
+# ---- the two directions ----
+
+def saelens_to_ours(ck: SaeLensCheckpoint) -> tuple[SparseCoderConfig, int, int, dict[str, np.ndarray], dict]:
+    """(config, d_in, d_out, tensors in our names (float64 where folding computed them), extra cfg.json keys)."""
+    transcode = ck.architecture != TOPK
+    t = ck.tensors
+    w_enc = t["W_enc"]  # [d_in, d_sae]
+    b_enc = t["b_enc"]
+    w_dec = t["W_dec"]
+    b_dec = t["b_dec"]
+    notes = []
+    if ck.rescale_acts_by_decoder_norm:
+        norms = np.linalg.norm(w_dec.astype(np.float64), axis=1)
+        if (norms == 0).any():
+            raise UserError(f"{ck.folder}: rescale_acts_by_decoder_norm is true but decoder row(s) "
+                            f"{np.flatnonzero(norms == 0)[:5].tolist()} have norm 0 (SAELens divides by it)")
+        w_enc = w_enc.astype(np.float64) * norms[None, :]
+        b_enc = b_enc.astype(np.float64) * norms
+        w_dec = w_dec.astype(np.float64) / norms[:, None]
+        notes.append("folded rescale_acts_by_decoder_norm (decoder row norms) into W_enc and b_enc")
+    if not transcode and not ck.apply_b_dec_to_input:
+        # ours subtracts b_dec before encoding: (x - b_dec) @ W + b_enc + b_dec @ W == x @ W + b_enc
+        b_enc = b_enc.astype(np.float64) + b_dec.astype(np.float64) @ w_enc.astype(np.float64)
+        notes.append("folded apply_b_dec_to_input=false into b_enc (ours always subtracts b_dec)")
+    tensors = {"encoder.weight": np.ascontiguousarray(np.swapaxes(w_enc, 0, 1)), "encoder.bias": b_enc,
+               "W_dec": w_dec, "b_dec": b_dec}
+    if ck.skip:
+        tensors["W_skip"] = t["W_skip"]
+
+    saved = ck.metadata.get("sparsify") if isinstance(ck.metadata.get("sparsify"), dict) else {}
+    known = SparseCoderConfig().to_dict()
+    cfg = SparseCoderConfig.from_dict({key: saved[key] for key in known if key in saved})
+    cfg.activation = "topk"
+    cfg.k = ck.k
+    cfg.transcode = transcode
+    cfg.skip_connection = ck.skip
+    if cfg.num_latents_for(ck.d_in) != ck.d_sae:
+        cfg.num_latents = ck.d_sae
+        if ck.d_sae % ck.d_in == 0:
+            cfg.expansion_factor = ck.d_sae // ck.d_in
+    if "normalize_decoder" not in saved:
+        norms = np.linalg.norm(tensors["W_dec"].astype(np.float64), axis=1)
+        cfg.normalize_decoder = bool(np.allclose(norms, 1.0, atol=1e-2))
+    cfg.validate(ck.d_in, ck.d_out, where=str(ck.folder))
+    extra = {"saelens": {"architecture": ck.architecture, "metadata": ck.metadata,
+                         "reshape_activations": ck.reshape_activations}}
+    if notes:
+        extra["saelens"]["conversion_notes"] = notes
+    return cfg, ck.d_in, ck.d_out, tensors, extra
+
+
+def _major(version) -> int | None:
+    match = re.match(r"\d+", version) if isinstance(version, str) else None
+    return int(match.group()) if match else None
+
+
+def ours_to_saelens(cfg: SparseCoderConfig, d_in: int, d_out: int, tensors: dict[str, np.ndarray], *,
+                    metadata: dict | None = None, reshape_activations: str = "none",
+                    where: str = "checkpoint") -> tuple[dict, dict[str, np.ndarray]]:
+    """(cfg.json dict, tensors) in SAELens's layout; refuses what SAELens cannot compute the same way."""
+    if cfg.activation != "topk":
+        raise UserError(f"{where}: cannot convert activation {cfg.activation!r} to SAELens: SAELens has no groupmax "
+                        f"(one latent per group of M/k) architecture, and its topk would select differently")
+    if cfg.skip_connection and not cfg.transcode:
+        raise UserError(f"{where}: cannot convert an autoencoder with skip_connection to SAELens: its 'topk' "
+                        f"architecture has no W_skip and its skip transcoders never subtract b_dec")
+    num_latents = cfg.num_latents_for(d_in)
+    arch = TOPK if not cfg.transcode else (TOPK_SKIP_TRANSCODER if cfg.skip_connection else TOPK_TRANSCODER)
+    out = {"W_enc": np.ascontiguousarray(np.swapaxes(tensors["encoder.weight"], 0, 1)),
+           "b_enc": tensors["encoder.bias"], "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]}
+    if cfg.skip_connection:
+        out["W_skip"] = tensors["W_skip"]
+    dtypes = {np.dtype(v.dtype).name for v in out.values()}
+    dtype = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}.get(
+        dtypes.pop() if len(dtypes) == 1 else "", None)
+    if dtype is None:
+        raise UserError(f"{where}: tensors of mixed or unsupported dtypes {sorted({np.dtype(v.dtype).name for v in out.values()})}; "
+                        f"pass a dtype to convert them to one")
+    meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None}
+    meta.update(metadata or {})
+    if (_major(meta.get("sae_lens_version")) or 0) < 6:
+        meta["sae_lens_version"] = SAELENS_VERSION  # an older version would send SAELens down its pre-6.0 path
+    meta["sparsify"] = cfg.to_dict()
+    result = {"d_in": d_in, "d_sae": num_latents, "dtype": dtype, "device": "cpu",
+              "apply_b_dec_to_input": not cfg.transcode, "normalize_activations": "none",
+              "reshape_activations": reshape_activations, "metadata": meta}
+    if cfg.transcode:
+        result["d_out"] = d_out
+    result["k"] = cfg.k
+    if not cfg.transcode:
+        result["rescale_acts_by_decoder_norm"] = False
+    result["architecture"] = arch
+    return result, out
+
+
+def write_saelens(folder: Path, cfg: dict, tensors: dict[str, np.ndarray]) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors_numpy(folder / WEIGHTS_FILE, tensors)
+    write_text_atomic(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
+
+
+def saelens_dtype_name(safetensors_dtype: str) -> str:
+    return _DTYPE_NAMES[safetensors_dtype]
+
+
+# ---- SAELens's forward in float64 (the reference the conversion is checked against) ----
+
+class SaeLensReference:
+    """SAELens's inference forward of a topk / topk_transcoder / topk_skip_transcoder folder, in float64.
+
+    Written from SAELens's code, not from ours: topk on the raw pre-activation (then ReLU), the decoder-norm rescale,
+    apply_b_dec_to_input, the skip term. `pre_acts` is the post-ReLU pre-activation that the top-k ranks (ReLU and
+    top-k commute up to ties among values <= 0, which all decode to 0).
+    """
+    activation = "topk"
+
+    def __init__(self, ck: SaeLensCheckpoint, chunk: int = 8192):
+        self.ck, self.k, self.chunk = ck, ck.k, chunk
+        self.num_latents = ck.d_sae
+        w_dec = ck.tensors["W_dec"]
+        self.norms = (np.linalg.norm(w_dec.astype(np.float64), axis=1) if ck.rescale_acts_by_decoder_norm else None)
+
+    def encoder_directions(self, idx: np.ndarray) -> np.ndarray:
+        return self.ck.tensors["W_enc"][:, idx].T.astype(np.float64)
+
+    def input_center(self) -> np.ndarray:
+        t = self.ck.tensors
+        return t["b_dec"].astype(np.float64) if self.ck.apply_b_dec_to_input else np.zeros(self.ck.d_in)
+
+    def pre_acts(self, x: np.ndarray) -> np.ndarray:
+        t = self.ck.tensors
+        x_in = x - t["b_dec"].astype(np.float64) if self.ck.apply_b_dec_to_input else x
+        pre = np.empty((len(x), self.num_latents))
+        for start in range(0, self.num_latents, self.chunk):
+            sl = slice(start, start + self.chunk)
+            pre[:, sl] = x_in @ t["W_enc"][:, sl].astype(np.float64) + t["b_enc"][sl].astype(np.float64)
+        if self.norms is not None:
+            pre *= self.norms
+        return np.maximum(pre, 0.0)
+
+    def decode(self, x: np.ndarray, indices: np.ndarray, acts: np.ndarray) -> np.ndarray:
+        t = self.ck.tensors
+        w_dec = t["W_dec"]
+        out = np.empty((len(x), self.ck.d_out))
+        for n in range(len(x)):
+            a = acts[n] / self.norms[indices[n]] if self.norms is not None else acts[n]
+            out[n] = a @ w_dec[indices[n]].astype(np.float64)
+        out += t["b_dec"].astype(np.float64)
+        if self.ck.skip:
+            out += x @ t["W_skip"].astype(np.float64).T
+        return out
+
+
+# ---- making SAELens itself load our TopK transcoders ----
+
+def register_with_sae_lens() -> None:
+    """Register "topk_transcoder" and "topk_skip_transcoder" with an installed sae_lens (imports torch and sae_lens).
+
+    sae-lens (checked 6.54.12) has only ReLU transcoders; after this call `SAE.load_from_disk(folder)` loads the
+    TopK transcoders that `sae convert --to saelens` writes, with SAELens's own TopK activation. Idempotent.
+    """
+    from dataclasses import dataclass as _dataclass
+
+    from sae_lens.registry import SAE_CLASS_REGISTRY, register_sae_class
+    from sae_lens.saes.topk_sae import TopK
+    from sae_lens.saes.transcoder import SkipTranscoder, SkipTranscoderConfig, Transcoder, TranscoderConfig
+
+    if TOPK_TRANSCODER in SAE_CLASS_REGISTRY and TOPK_SKIP_TRANSCODER in SAE_CLASS_REGISTRY:
+        return
+
+    @_dataclass
+    class TopKTranscoderConfig(TranscoderConfig):
+        k: int = 32
+
+        @classmethod
+        def architecture(cls) -> str:
+            return TOPK_TRANSCODER
+
+    @_dataclass
+    class TopKSkipTranscoderConfig(SkipTranscoderConfig):
+        k: int = 32
+
+        @classmethod
+        def architecture(cls) -> str:
+            return TOPK_SKIP_TRANSCODER
+
+    class TopKTranscoder(Transcoder):
+        def get_activation_fn(self):
+            return TopK(self.cfg.k)
+
+    class TopKSkipTranscoder(SkipTranscoder):
+        def get_activation_fn(self):
+            return TopK(self.cfg.k)
+
+    if TOPK_TRANSCODER not in SAE_CLASS_REGISTRY:
+        register_sae_class(TOPK_TRANSCODER, TopKTranscoder, TopKTranscoderConfig)
+    if TOPK_SKIP_TRANSCODER not in SAE_CLASS_REGISTRY:
+        register_sae_class(TOPK_SKIP_TRANSCODER, TopKSkipTranscoder, TopKSkipTranscoderConfig)
