@@ -174,3 +174,13 @@ def test_numpy_save_validates_shapes(tmp_path):
     with pytest.raises(CheckpointError, match="do not match the config"):
         save_checkpoint_numpy(tmp_path / "x", cfg, 4, 4, {"encoder.weight": np.zeros((8, 4), np.float32)})
     assert not (tmp_path / "x" / WEIGHTS_FILE).exists()
+
+
+def test_saved_files_get_normal_permissions(tmp_path):
+    import os
+
+    SparseCoder(8, SparseCoderConfig(num_latents=16, k=2)).save_to_disk(tmp_path / "c")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        assert (tmp_path / "c" / name).stat().st_mode & 0o777 == 0o666 & ~umask
