@@ -1,0 +1,703 @@
+"""Sparse row kernels for TopK SAEs on MLX: gather / weighted-sum / scatter over rows of a [M, d] table.
+
+The MLX twin of :mod:`sae_torch.kernels.sparse_rows` (same public names, ``*_metal`` in place of ``*_triton``).
+Three primitives, each with a pure-MLX reference (``*_reference``, the path used wherever Metal is absent) and a
+Metal kernel (``*_metal``, built with ``mx.fast.metal_kernel``), plus a dispatcher with the plain name:
+
+``gather_weighted_sum(weights[N,k], indices[N,k], table[M,d]) -> [N,d]``
+    ``out[n] = sum_j weights[n,j] * table[indices[n,j]]``  (decoder forward).
+``gather_dot(rows[N,d], table[M,d], indices[N,k]) -> [N,k]``
+    ``out[n,j] = <rows[n], table[indices[n,j]]>``  (decoder grad w.r.t. the activations; sparse encoder forward).
+``scatter_outer(weights[N,k], indices[N,k], rows[N,d], num_rows) -> [num_rows,d]``
+    ``out[m] = sum_{(n,j): indices[n,j]==m} weights[n,j] * rows[n]``  (decoder/encoder weight gradient).
+
+Common rules
+------------
+* Accumulation is always in fp32, whatever the input dtypes (fp32, bf16, fp16).
+* Output dtype is the promoted dtype of the two float inputs, MLX's rule: equal dtypes stay, anything with fp32 is
+  fp32, bf16 with fp16 is fp32. (``scatter_outer``: of ``weights`` and ``rows``.)
+* ``indices`` may be int32, uint32 or int64, may repeat within a row and across rows; ``k`` may be 1; any ``d``.
+* Non-contiguous inputs are fine (the kernels ask MLX for row-contiguous copies; the references use MLX ops).
+* Indices must lie in ``[0, M)`` (``[0, num_rows)`` for ``scatter_outer``). The Metal kernels never read or write
+  out of bounds: an out-of-range entry contributes nothing (``gather_dot`` gives 0 for it), as in the Triton twin.
+  The references do not check (that would need a host sync); MLX's own gather/scatter decide what happens.
+
+Dispatch: the plain-named functions use the Metal kernels when :func:`use_metal` says so (Metal available, the
+default device is the GPU, ``SAE_EAGER`` unset/empty/"0"), else the references. The choice is made when the
+function is called, i.e. at trace time inside ``mx.compile``.
+
+Metal kernel designs (one thread per output element, no threadgroup memory, no atomics)
+--------------------------------------------------------------------------------------
+* ``gather_weighted_sum``: grid (d, N, 1); thread (c, n) loops over the k slots of token n and accumulates
+  ``w * table[m, c]`` in fp32. Neighbouring threads read neighbouring columns of the same table row (coalesced);
+  the k weights/indices of a token are the same for the whole row of threads (broadcast loads).
+* ``gather_dot``: one SIMD group of 32 lanes per output element: grid (32, k, N), threadgroup (32, ty, tz). Lane
+  ``l`` sums columns l, l+32, ... of ``rows[n] * table[m]`` in fp32, then ``metal::simd_sum`` reduces the lanes
+  and lane 0 writes. All 32 lanes of a SIMD group share (n, j), so the early exit is uniform per SIMD group and
+  every lane reaches ``simd_sum``. (Apple GPUs execute 32-wide SIMD groups.)
+* ``scatter_outer``: a per-latent reduction, not an atomic scatter. MLX ops first sort the flat positions
+  (n*k + j) by latent (``argsort``) and build CSR offsets [M+1] (counts by scatter-add, then ``cumsum``); the
+  kernel then runs grid (d, M, 1) and thread (c, m) sums ``w[f] * rows[f // k, c]`` over latent m's entries.
+  Chosen over ``atomic_fetch_add`` on an fp32 output because: every output element is written exactly once
+  (no ``init_value`` fill pass and no separate fp32 -> bf16 cast pass: the kernel writes the output dtype
+  directly), the result is deterministic run to run (atomics make fp32 sums order-dependent), heavy latents do
+  not serialise on contended atomics, and no ``atomic<float>`` (Apple7+/Metal 3) is needed. The price is the
+  argsort of N*k int32 keys and a scatter-add of N*k ones, both small next to the N*k*d multiply-adds.
+
+All three use 64-bit offsets (``uint64_t``) inside the kernels, so tables with more than 2**32 elements are
+addressed correctly; sizes come from the ``*_shape`` arguments MLX passes, so one compiled kernel per dtype
+combination serves every N, k, d and M (no recompilation when k_aux or the batch size changes).
+
+One place for the launch parameters
+-----------------------------------
+``plan_gather_weighted_sum`` / ``plan_gather_dot`` / ``plan_scatter_outer`` return a :class:`MetalLaunch`: the
+kernel spec (name, buffer names, body) and the exact inputs, template args, grid, threadgroup, output shapes and
+dtypes and ``init_value``. ``*_metal`` run it with :meth:`MetalLaunch.run`; the Linux harness in
+``parity/metal_harness`` captures the source MLX generates for the very same launch (through
+:meth:`MetalLaunch.describe` / :meth:`MetalLaunch.from_description`) and executes it on the CPU, so it checks what
+Metal would run.
+
+Differentiable wrappers (``mx.custom_function`` with a custom ``vjp``; they work inside ``mx.compile`` and
+``mx.value_and_grad``):
+* ``sparse_decode(acts, indices, weight) = gather_weighted_sum(acts, indices, weight)``; vjp:
+  d_acts = gather_dot(cot, weight, indices), d_weight = scatter_outer(acts, indices, cot, M), indices get zeros.
+* ``sparse_encode(x, weight, indices) = gather_dot(x, weight, indices)``; vjp:
+  d_x = gather_weighted_sum(cot, indices, weight), d_weight = scatter_outer(cot, indices, x, M).
+Gradients come back in their primal's dtype.
+
+int32 limits: MLX indexes with int32 in places, so the references process tokens in chunks whose [chunk, k, d]
+temporaries stay far below 2**31 elements, and they raise a clear ``ValueError`` when an output (or the scatter
+target) itself would reach 2**31 elements. The Metal path needs N*k < 2**31 (its sort keys and CSR offsets are
+int32) and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
+
+import mlx.core as mx
+
+__all__ = [
+    "HAS_METAL",
+    "use_metal",
+    "gather_weighted_sum",
+    "gather_weighted_sum_reference",
+    "gather_weighted_sum_metal",
+    "gather_dot",
+    "gather_dot_reference",
+    "gather_dot_metal",
+    "scatter_outer",
+    "scatter_outer_reference",
+    "scatter_outer_metal",
+    "sparse_decode",
+    "sparse_encode",
+    "MetalKernelSpec",
+    "MetalLaunch",
+    "plan_gather_weighted_sum",
+    "plan_gather_dot",
+    "plan_scatter_outer",
+    "KERNEL_SPECS",
+]
+
+_FLOAT_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+_INDEX_DTYPES = (mx.int32, mx.uint32, mx.int64)
+
+# MLX indexes with int32 in places: no single op of ours may see 2**31 or more elements.
+_INT32_LIMIT = 2**31 - 1
+
+# Upper bound on the number of elements of one [chunk, k, d] temporary in the references (64 MiB of fp32).
+_REF_CHUNK_ELEMS = 1 << 24
+
+
+def _metal_available() -> bool:
+    try:
+        return bool(mx.metal.is_available())
+    except Exception:  # pragma: no cover - very old MLX builds without mx.metal
+        return False
+
+
+HAS_METAL = _metal_available()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatch helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _eager_forced() -> bool:
+    return os.environ.get("SAE_EAGER", "") not in ("", "0")
+
+
+def use_metal() -> bool:
+    """True when the Metal kernels should be used: Metal is available, the default device is the GPU and the
+    environment variable ``SAE_EAGER`` is unset, empty or "0"."""
+    if _eager_forced() or not _metal_available():
+        return False
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def _result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:
+    """MLX's promotion for our float dtypes: equal stays, fp32 wins, bf16 with fp16 gives fp32."""
+    return a if a == b else mx.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_float(name: str, a: Any) -> None:
+    if not isinstance(a, mx.array):
+        raise TypeError(f"{name} must be an mlx.core.array, got {type(a).__name__}")
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(a.shape)}")
+    if a.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+
+
+def _check_indices(indices: Any) -> None:
+    if not isinstance(indices, mx.array):
+        raise TypeError(f"indices must be an mlx.core.array, got {type(indices).__name__}")
+    if indices.ndim != 2:
+        raise ValueError(f"indices must be 2-D [N, k], got shape {tuple(indices.shape)}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"indices must be int32, uint32 or int64, got {indices.dtype}")
+
+
+def _check_same_shape(weights: mx.array, indices: mx.array) -> None:
+    if tuple(weights.shape) != tuple(indices.shape):
+        raise ValueError(
+            f"weights and indices must have the same shape [N, k], got {tuple(weights.shape)} and "
+            f"{tuple(indices.shape)}"
+        )
+
+
+def _check_size(what: str, count: int) -> None:
+    if count > _INT32_LIMIT:
+        raise ValueError(
+            f"{what} would have {count} elements, at or above 2**31: MLX indexes with int32 in places, so this "
+            f"is not supported; split the call (fewer tokens per batch) or shard the table"
+        )
+
+
+def _validate_gws(weights, indices, table) -> mx.Dtype:
+    _check_float("weights", weights)
+    _check_indices(indices)
+    _check_float("table", table)
+    _check_same_shape(weights, indices)
+    return _result_dtype(weights.dtype, table.dtype)
+
+
+def _validate_gdot(rows, table, indices) -> mx.Dtype:
+    _check_float("rows", rows)
+    _check_float("table", table)
+    _check_indices(indices)
+    if rows.shape[0] != indices.shape[0]:
+        raise ValueError(
+            f"rows [N, d] and indices [N, k] disagree on N: {tuple(rows.shape)} vs {tuple(indices.shape)}"
+        )
+    if rows.shape[1] != table.shape[1]:
+        raise ValueError(
+            f"rows [N, d] and table [M, d] disagree on d: {tuple(rows.shape)} vs {tuple(table.shape)}"
+        )
+    return _result_dtype(rows.dtype, table.dtype)
+
+
+def _validate_scatter(weights, indices, rows, num_rows) -> mx.Dtype:
+    _check_float("weights", weights)
+    _check_indices(indices)
+    _check_float("rows", rows)
+    _check_same_shape(weights, indices)
+    if rows.shape[0] != indices.shape[0]:
+        raise ValueError(
+            f"rows [N, d] and indices [N, k] disagree on N: {tuple(rows.shape)} vs {tuple(indices.shape)}"
+        )
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be a non-negative int, got {num_rows!r}")
+    return _result_dtype(weights.dtype, rows.dtype)
+
+
+def _token_chunks(n: int, per_token: int) -> list[tuple[int, int]]:
+    """Split [0, n) into chunks whose [chunk, per_token] temporaries stay below _REF_CHUNK_ELEMS elements."""
+    _check_size("one token's [k, d] slice", per_token)
+    step = max(1, min(n, _REF_CHUNK_ELEMS // max(1, per_token)))
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _concat_rows(parts: list[mx.array]) -> mx.array:
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# References (pure MLX; fp32 accumulation; tokens processed in chunks)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gather_weighted_sum_reference(weights: mx.array, indices: mx.array, table: mx.array) -> mx.array:
+    """``out[n] = sum_j weights[n, j] * table[indices[n, j]]`` -> [N, d], in fp32, chunked over tokens so the
+    gathered [chunk, k, d] temporary stays below ~16M elements."""
+    out_dtype = _validate_gws(weights, indices, table)
+    n, k = indices.shape
+    d = table.shape[1]
+    _check_size("gather_weighted_sum output [N, d]", n * d)
+    if n == 0 or d == 0 or k == 0:
+        return mx.zeros((n, d), dtype=out_dtype)
+    parts = []
+    for s, e in _token_chunks(n, k * d):
+        w = weights[s:e].astype(mx.float32)  # [c, k]
+        g = mx.take(table, indices[s:e], axis=0).astype(mx.float32)  # [c, k, d]
+        parts.append((w[:, :, None] * g).sum(axis=1))
+    return _concat_rows(parts).astype(out_dtype)
+
+
+def gather_dot_reference(rows: mx.array, table: mx.array, indices: mx.array) -> mx.array:
+    """``out[n, j] = <rows[n], table[indices[n, j]]>`` -> [N, k], in fp32, chunked over tokens so the gathered
+    [chunk, k, d] temporary stays below ~16M elements."""
+    out_dtype = _validate_gdot(rows, table, indices)
+    n, k = indices.shape
+    d = rows.shape[1]
+    _check_size("gather_dot output [N, k]", n * k)
+    if n == 0 or k == 0 or d == 0:
+        return mx.zeros((n, k), dtype=out_dtype)
+    parts = []
+    for s, e in _token_chunks(n, k * d):
+        g = mx.take(table, indices[s:e], axis=0).astype(mx.float32)  # [c, k, d]
+        r = rows[s:e].astype(mx.float32)[:, None, :]  # [c, 1, d]
+        parts.append((g * r).sum(axis=-1))
+    return _concat_rows(parts).astype(out_dtype)
+
+
+def scatter_outer_reference(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
+    """``out[m] = sum over (n, j) with indices[n, j] == m of weights[n, j] * rows[n]`` -> [num_rows, d].
+
+    An fp32 scatter-add (``.at[].add``, which sums repeated indices) of the [chunk*k, d] products, chunked over
+    tokens so no update tensor exceeds ~16M elements; the fp32 target [num_rows, d] must stay below 2**31."""
+    out_dtype = _validate_scatter(weights, indices, rows, num_rows)
+    n, k = indices.shape
+    d = rows.shape[1]
+    _check_size("scatter_outer output [num_rows, d]", num_rows * d)
+    out = mx.zeros((num_rows, d), dtype=mx.float32)
+    if n == 0 or k == 0 or d == 0 or num_rows == 0:
+        return out.astype(out_dtype)
+    for s, e in _token_chunks(n, k * d):
+        w = weights[s:e].astype(mx.float32)[:, :, None]  # [c, k, 1]
+        r = rows[s:e].astype(mx.float32)[:, None, :]  # [c, 1, d]
+        out = out.at[indices[s:e].reshape(-1)].add((w * r).reshape(-1, d))
+    return out.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metal kernels: bodies (conservative MSL: scalar loads/stores, fp32 accumulators, integer loops, metal::simd_sum;
+# no threadgroup memory, no atomics, no local pointers), specs and launch plans.
+# Sizes come from the `<input>_shape` arguments MLX adds because the bodies mention them.
+# ----------------------------------------------------------------------------------------------------------------
+
+GATHER_WEIGHTED_SUM_SOURCE = """
+    // out[n, c] = sum_j weights[n, j] * table[indices[n, j], c]; one thread per (c, n).
+    const uint c = thread_position_in_grid.x;
+    const uint n = thread_position_in_grid.y;
+    const int N = weights_shape[0];
+    const int K = weights_shape[1];
+    const int M = table_shape[0];
+    const int D = table_shape[1];
+    if (c >= uint(D) || n >= uint(N)) {
+        return;
+    }
+    const uint64_t slot0 = uint64_t(n) * uint64_t(K);
+    float acc = 0.0f;
+    for (int j = 0; j < K; ++j) {
+        const int64_t m = int64_t(indices[slot0 + uint64_t(j)]);
+        if (m >= 0 && m < int64_t(M)) {
+            acc += float(weights[slot0 + uint64_t(j)]) * float(table[uint64_t(m) * uint64_t(D) + uint64_t(c)]);
+        }
+    }
+    out[uint64_t(n) * uint64_t(D) + uint64_t(c)] = static_cast<OutT>(acc);
+"""
+
+GATHER_DOT_SOURCE = """
+    // out[n, j] = <rows[n], table[indices[n, j]]>; one 32-lane SIMD group per (j, n), lane = x.
+    const uint lane = thread_position_in_threadgroup.x;
+    const uint j = thread_position_in_grid.y;
+    const uint n = thread_position_in_grid.z;
+    const int N = rows_shape[0];
+    const int D = rows_shape[1];
+    const int M = table_shape[0];
+    const int K = indices_shape[1];
+    // (j, n) is the same for all 32 lanes of a SIMD group: this exit is uniform, every lane reaches simd_sum.
+    if (j >= uint(K) || n >= uint(N)) {
+        return;
+    }
+    const uint64_t slot = uint64_t(n) * uint64_t(K) + uint64_t(j);
+    const int64_t m = int64_t(indices[slot]);
+    float acc = 0.0f;
+    if (m >= 0 && m < int64_t(M)) {
+        const uint64_t xrow = uint64_t(n) * uint64_t(D);
+        const uint64_t trow = uint64_t(m) * uint64_t(D);
+        for (uint c = lane; c < uint(D); c += 32) {
+            acc += float(rows[xrow + uint64_t(c)]) * float(table[trow + uint64_t(c)]);
+        }
+    }
+    acc = metal::simd_sum(acc);
+    if (lane == 0) {
+        out[slot] = static_cast<OutT>(acc);
+    }
+"""
+
+SCATTER_OUTER_SOURCE = """
+    // out[m, c] = sum over the flat positions f = n * K + j listed in order[offsets[m] .. offsets[m + 1])
+    // of weights[f] * rows[n, c]; one thread per (c, m), each output element written exactly once.
+    const uint c = thread_position_in_grid.x;
+    const uint m = thread_position_in_grid.y;
+    const int K = weights_shape[1];
+    const int D = rows_shape[1];
+    const int M = offsets_shape[0] - 1;
+    if (c >= uint(D) || m >= uint(M)) {
+        return;
+    }
+    const int start = offsets[m];
+    const int end = offsets[m + 1];
+    float acc = 0.0f;
+    for (int p = start; p < end; ++p) {
+        const uint f = order[p];
+        const uint n = f / uint(K);
+        acc += float(weights[f]) * float(rows[uint64_t(n) * uint64_t(D) + uint64_t(c)]);
+    }
+    out[uint64_t(m) * uint64_t(D) + uint64_t(c)] = static_cast<OutT>(acc);
+"""
+
+
+@dataclass(frozen=True)
+class MetalKernelSpec:
+    """The static part of a ``mx.fast.metal_kernel``: what its constructor takes."""
+
+    name: str
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    source: str
+    header: str = ""
+    ensure_row_contiguous: bool = True
+    atomic_outputs: bool = False
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "input_names": list(self.input_names),
+            "output_names": list(self.output_names),
+            "source": self.source,
+            "header": self.header,
+            "ensure_row_contiguous": self.ensure_row_contiguous,
+            "atomic_outputs": self.atomic_outputs,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MetalKernelSpec":
+        return cls(
+            name=d["name"],
+            input_names=tuple(d["input_names"]),
+            output_names=tuple(d["output_names"]),
+            source=d["source"],
+            header=d.get("header", ""),
+            ensure_row_contiguous=bool(d.get("ensure_row_contiguous", True)),
+            atomic_outputs=bool(d.get("atomic_outputs", False)),
+        )
+
+
+GATHER_WEIGHTED_SUM_SPEC = MetalKernelSpec(
+    name="sae_gather_weighted_sum",
+    input_names=("weights", "indices", "table"),
+    output_names=("out",),
+    source=GATHER_WEIGHTED_SUM_SOURCE,
+)
+GATHER_DOT_SPEC = MetalKernelSpec(
+    name="sae_gather_dot",
+    input_names=("rows", "table", "indices"),
+    output_names=("out",),
+    source=GATHER_DOT_SOURCE,
+)
+SCATTER_OUTER_SPEC = MetalKernelSpec(
+    name="sae_scatter_outer",
+    input_names=("weights", "rows", "order", "offsets"),
+    output_names=("out",),
+    source=SCATTER_OUTER_SOURCE,
+)
+KERNEL_SPECS = {s.name: s for s in (GATHER_WEIGHTED_SUM_SPEC, GATHER_DOT_SPEC, SCATTER_OUTER_SPEC)}
+
+
+@functools.lru_cache(maxsize=None)
+def _metal_kernel(spec: MetalKernelSpec):
+    return mx.fast.metal_kernel(
+        name=spec.name,
+        input_names=list(spec.input_names),
+        output_names=list(spec.output_names),
+        source=spec.source,
+        header=spec.header,
+        ensure_row_contiguous=spec.ensure_row_contiguous,
+        atomic_outputs=spec.atomic_outputs,
+    )
+
+
+def _dtype_name(dt: mx.Dtype) -> str:
+    return str(dt).rsplit(".", 1)[-1]
+
+
+def _dtype_from_name(name: str) -> mx.Dtype:
+    dt = getattr(mx, name, None)
+    if not isinstance(dt, mx.Dtype):
+        raise ValueError(f"unknown MLX dtype name {name!r}")
+    return dt
+
+
+@dataclass
+class MetalLaunch:
+    """Everything one ``mx.fast.metal_kernel`` call takes. :meth:`run` is the only place a kernel of this module
+    is called; the Linux harness builds the same call from :meth:`describe`."""
+
+    spec: MetalKernelSpec
+    inputs: list
+    template: list = field(default_factory=list)  # [(name, mx.Dtype | int | bool)]
+    grid: tuple = (1, 1, 1)
+    threadgroup: tuple = (1, 1, 1)
+    output_shapes: list = field(default_factory=list)
+    output_dtypes: list = field(default_factory=list)
+    init_value: float | None = None
+
+    def call_kwargs(self, verbose: bool = False) -> dict:
+        kw = dict(
+            inputs=list(self.inputs),
+            template=list(self.template),
+            grid=tuple(int(g) for g in self.grid),
+            threadgroup=tuple(int(t) for t in self.threadgroup),
+            output_shapes=[tuple(int(s) for s in shp) for shp in self.output_shapes],
+            output_dtypes=list(self.output_dtypes),
+            init_value=self.init_value,
+        )
+        if verbose:
+            kw["verbose"] = True
+        return kw
+
+    def run(self, verbose: bool = False) -> list[mx.array]:
+        return _metal_kernel(self.spec)(**self.call_kwargs(verbose=verbose))
+
+    def with_inputs(self, inputs: Sequence[mx.array]) -> "MetalLaunch":
+        return replace(self, inputs=list(inputs))
+
+    def describe(self) -> dict:
+        """A JSON-able description (no array values): the spec, input shapes/dtypes and launch parameters."""
+        template = []
+        for name, value in self.template:
+            if isinstance(value, mx.Dtype):
+                template.append([name, "dtype", _dtype_name(value)])
+            elif isinstance(value, bool):
+                template.append([name, "bool", value])
+            elif isinstance(value, int):
+                template.append([name, "int", value])
+            else:
+                raise TypeError(f"template arg {name!r} must be an mlx dtype, bool or int, got {value!r}")
+        return {
+            "spec": self.spec.as_dict(),
+            "inputs": [{"shape": [int(s) for s in a.shape], "dtype": _dtype_name(a.dtype)} for a in self.inputs],
+            "template": template,
+            "grid": [int(g) for g in self.grid],
+            "threadgroup": [int(t) for t in self.threadgroup],
+            "output_shapes": [[int(s) for s in shp] for shp in self.output_shapes],
+            "output_dtypes": [_dtype_name(dt) for dt in self.output_dtypes],
+            "init_value": self.init_value,
+        }
+
+    @classmethod
+    def from_description(cls, d: dict) -> "MetalLaunch":
+        """Inverse of :meth:`describe`, with zero-filled inputs of the recorded shapes and dtypes."""
+        template = []
+        for name, kind, value in d["template"]:
+            if kind == "dtype":
+                template.append((name, _dtype_from_name(value)))
+            else:
+                template.append((name, bool(value) if kind == "bool" else int(value)))
+        return cls(
+            spec=MetalKernelSpec.from_dict(d["spec"]),
+            inputs=[mx.zeros(tuple(a["shape"]), dtype=_dtype_from_name(a["dtype"])) for a in d["inputs"]],
+            template=template,
+            grid=tuple(d["grid"]),
+            threadgroup=tuple(d["threadgroup"]),
+            output_shapes=[tuple(s) for s in d["output_shapes"]],
+            output_dtypes=[_dtype_from_name(x) for x in d["output_dtypes"]],
+            init_value=d.get("init_value"),
+        )
+
+
+_MAX_GROUP = 256  # threads per threadgroup in our launches (Metal allows up to 1024; 256 is safe for any kernel)
+
+
+def _row_threadgroup(width: int, rows: int) -> tuple[int, int, int]:
+    """Threadgroup for a (width, rows) grid of one-thread-per-element kernels: up to 256 threads, as many whole
+    rows as fit. MLX clamps each dimension to the grid, so a narrow width gives a narrower group."""
+    tx = min(max(1, width), _MAX_GROUP)
+    ty = max(1, min(max(1, rows), _MAX_GROUP // tx))
+    return (tx, ty, 1)
+
+
+def plan_gather_weighted_sum(weights: mx.array, indices: mx.array, table: mx.array) -> MetalLaunch:
+    """The Metal launch of ``gather_weighted_sum`` (inputs must be non-empty: N, k, d > 0)."""
+    out_dtype = _validate_gws(weights, indices, table)
+    n, _ = indices.shape
+    d = table.shape[1]
+    return MetalLaunch(
+        spec=GATHER_WEIGHTED_SUM_SPEC,
+        inputs=[weights, indices, table],
+        template=[("OutT", out_dtype)],
+        grid=(d, n, 1),
+        threadgroup=_row_threadgroup(d, n),
+        output_shapes=[(n, d)],
+        output_dtypes=[out_dtype],
+    )
+
+
+def plan_gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> MetalLaunch:
+    """The Metal launch of ``gather_dot`` (inputs must be non-empty: N, k > 0)."""
+    out_dtype = _validate_gdot(rows, table, indices)
+    n, k = indices.shape
+    ty = min(k, 8)
+    tz = max(1, min(n, 8 // ty))
+    return MetalLaunch(
+        spec=GATHER_DOT_SPEC,
+        inputs=[rows, table, indices],
+        template=[("OutT", out_dtype)],
+        grid=(32, k, n),
+        threadgroup=(32, ty, tz),
+        output_shapes=[(n, k)],
+        output_dtypes=[out_dtype],
+    )
+
+
+def _csr_by_latent(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array]:
+    """(order [N*k] uint32, offsets [num_rows + 1] int32): ``order[offsets[m]:offsets[m+1]]`` are the flat
+    positions n*k + j with indices[n, j] == m. Out-of-range indices get the key num_rows: they sort last and no
+    latent's range covers them, so the kernel never reads them."""
+    flat = indices.reshape(-1)
+    valid = (flat >= 0) & (flat < num_rows)
+    keys = mx.where(valid, flat, num_rows).astype(mx.int32)
+    order = mx.argsort(keys).astype(mx.uint32)
+    counts = mx.zeros((num_rows + 1,), dtype=mx.int32).at[keys].add(mx.ones(keys.shape, dtype=mx.int32))
+    offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(counts[:num_rows])])
+    return order, offsets
+
+
+def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> MetalLaunch:
+    """The Metal launch of ``scatter_outer`` (inputs must be non-empty: N, k, d, num_rows > 0). Builds the
+    per-latent CSR layout with MLX ops (argsort + counts + cumsum) first."""
+    out_dtype = _validate_scatter(weights, indices, rows, num_rows)
+    n, k = indices.shape
+    d = rows.shape[1]
+    _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
+    _check_size("scatter_outer num_rows + 1", num_rows + 1)
+    order, offsets = _csr_by_latent(indices, num_rows)
+    return MetalLaunch(
+        spec=SCATTER_OUTER_SPEC,
+        inputs=[weights, rows, order, offsets],
+        template=[("OutT", out_dtype)],
+        grid=(d, num_rows, 1),
+        threadgroup=_row_threadgroup(d, num_rows),
+        output_shapes=[(num_rows, d)],
+        output_dtypes=[out_dtype],
+    )
+
+
+def gather_weighted_sum_metal(weights: mx.array, indices: mx.array, table: mx.array) -> mx.array:
+    """Metal kernel for ``gather_weighted_sum`` (needs Apple-silicon Metal)."""
+    out_dtype = _validate_gws(weights, indices, table)
+    n, k = indices.shape
+    d = table.shape[1]
+    if n == 0 or k == 0 or d == 0:
+        return mx.zeros((n, d), dtype=out_dtype)
+    return plan_gather_weighted_sum(weights, indices, table).run()[0]
+
+
+def gather_dot_metal(rows: mx.array, table: mx.array, indices: mx.array) -> mx.array:
+    """Metal kernel for ``gather_dot`` (needs Apple-silicon Metal)."""
+    out_dtype = _validate_gdot(rows, table, indices)
+    n, k = indices.shape
+    if n == 0 or k == 0 or rows.shape[1] == 0:
+        return mx.zeros((n, k), dtype=out_dtype)
+    return plan_gather_dot(rows, table, indices).run()[0]
+
+
+def scatter_outer_metal(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
+    """Metal kernel for ``scatter_outer`` (needs Apple-silicon Metal)."""
+    out_dtype = _validate_scatter(weights, indices, rows, num_rows)
+    n, k = indices.shape
+    d = rows.shape[1]
+    if n == 0 or k == 0 or d == 0 or num_rows == 0:
+        return mx.zeros((num_rows, d), dtype=out_dtype)
+    return plan_scatter_outer(weights, indices, rows, num_rows).run()[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dispatchers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gather_weighted_sum(weights: mx.array, indices: mx.array, table: mx.array) -> mx.array:
+    """``out[n] = sum_j weights[n, j] * table[indices[n, j]]`` -> [N, d]; Metal when available, else the
+    reference."""
+    if use_metal():
+        return gather_weighted_sum_metal(weights, indices, table)
+    return gather_weighted_sum_reference(weights, indices, table)
+
+
+def gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> mx.array:
+    """``out[n, j] = <rows[n], table[indices[n, j]]>`` -> [N, k]; Metal when available, else the reference."""
+    if use_metal():
+        return gather_dot_metal(rows, table, indices)
+    return gather_dot_reference(rows, table, indices)
+
+
+def scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
+    """``out[m] = sum_{indices[n, j] == m} weights[n, j] * rows[n]`` -> [num_rows, d]; Metal when available, else
+    the reference."""
+    if use_metal():
+        return scatter_outer_metal(weights, indices, rows, num_rows)
+    return scatter_outer_reference(weights, indices, rows, num_rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differentiable wrappers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _single(cotangent):
+    return cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
+
+
+@mx.custom_function
+def sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array) -> mx.array:
+    """Differentiable ``sum_j acts[:, j] * weight[indices[:, j]]`` -> [N, d] (no bias); gradients w.r.t. ``acts``
+    [N, k] and ``weight`` [M, d] (``indices`` get zeros)."""
+    return gather_weighted_sum(acts, indices, weight)
+
+
+@sparse_decode.vjp
+def _sparse_decode_vjp(primals, cotangent, output):
+    acts, indices, weight = primals
+    cot = _single(cotangent)
+    d_acts = gather_dot(cot, weight, indices).astype(acts.dtype)
+    d_weight = scatter_outer(acts, indices, cot, weight.shape[0]).astype(weight.dtype)
+    return d_acts, mx.zeros_like(indices), d_weight
+
+
+@mx.custom_function
+def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+    """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias);
+    gradients w.r.t. ``x`` [N, d] and ``weight`` [M, d] (``indices`` get zeros)."""
+    return gather_dot(x, weight, indices)
+
+
+@sparse_encode.vjp
+def _sparse_encode_vjp(primals, cotangent, output):
+    x, weight, indices = primals
+    cot = _single(cotangent)
+    d_x = gather_weighted_sum(cot, indices, weight).astype(x.dtype)
+    d_weight = scatter_outer(cot, indices, x, weight.shape[0]).astype(weight.dtype)
+    return d_x, d_weight, mx.zeros_like(indices)
