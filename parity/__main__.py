@@ -28,7 +28,7 @@ def _child_rows(path: str, args) -> list[Row]:
     """Run one path in a child process (the Triton interpreter must be switched on before triton loads)."""
     cmd = [sys.executable, "-m", "parity", "--paths", path, "--dtypes", args.dtypes, "--seed", str(args.seed),
            "--json"] + (["--quick"] if args.quick else [])
-    env = dict(os.environ, TRITON_INTERPRET="1")
+    env = dict(os.environ, TRITON_INTERPRET="1", SAE_TRITON_CPU="1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"the {path} child process failed:\n{done.stderr[-3000:]}")

@@ -100,8 +100,8 @@ def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None
         with environment(SAE_EAGER="1"):
             return runners.run_torch(case, dtype, checkpoint=checkpoint, coder_cls=coder_cls)
     if path == "torch-triton":
-        device = "cuda" if _cuda() else "cpu"
-        with environment(SAE_EAGER="0"):
+        device = "cuda" if _cuda() else "cpu"  # on CPU only under TRITON_INTERPRET=1 (see __main__)
+        with environment(SAE_EAGER="0", SAE_TRITON_CPU="1"):
             return runners.run_torch(case, dtype, device=device, checkpoint=checkpoint, coder_cls=coder_cls)
     if path == "mlx-fallback":
         with environment(SAE_EAGER="1"):

@@ -170,9 +170,19 @@ class SparseCoder(nn.Module):
     def encoder_input(self, x: mx.array) -> mx.array:
         return x if self.cfg.transcode else x - self.b_dec
 
-    def acts_at(self, x_in: mx.array, indices: mx.array) -> mx.array:
-        """relu(pre-activation) of the chosen latents, recomputed sparsely so that gradients reach the encoder."""
-        return nn.relu(sparse_encode(x_in, self.encoder.weight, indices) + self.encoder.bias[indices])
+    def acts_at(self, x_in: mx.array, indices: mx.array, chosen: mx.array) -> mx.array:
+        """relu(pre-activation) of the chosen latents, with a sparse vjp that reaches the encoder.
+
+        `chosen` holds the values gathered from the dense pre-activations (`gather_chosen`); `sparse_encode` only
+        supplies the gradient path (chosen - bias + bias is exact where the latent fires, and 0 where it does
+        not)."""
+        bias = self.encoder.bias[indices]
+        values = chosen.astype(bias.dtype) - mx.stop_gradient(bias)
+        return nn.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values) + bias)
+
+    @staticmethod
+    def gather_chosen(pre_acts: mx.array, indices: mx.array) -> mx.array:
+        return mx.take_along_axis(pre_acts, indices, axis=-1)
 
     def pre_acts(self, x_in: mx.array) -> mx.array:
         return mx.stop_gradient(nn.relu(x_in @ self.encoder.weight.T + self.encoder.bias))
@@ -188,7 +198,8 @@ class SparseCoder(nn.Module):
         pres = list(self._pre_acts_chunks(x_in))
         top_indices = _cat([self.select_indices(pre) for pre in pres])
         pre_acts = _cat(pres)  # the dense [N, M] array the caller asked for
-        return EncoderOutput(self.acts_at(x_in, top_indices), top_indices, pre_acts)
+        return EncoderOutput(self.acts_at(x_in, top_indices, self.gather_chosen(pre_acts, top_indices)),
+                             top_indices, pre_acts)
 
     def decode(self, top_acts: mx.array, top_indices: mx.array) -> mx.array:
         assert self.W_dec is not None, "this coder was loaded with decoder=False"
@@ -202,18 +213,21 @@ class SparseCoder(nn.Module):
         need_aux = dead_mask is not None and (num_dead is None or num_dead > 0)
         fixed_aux = need_aux and num_dead is None
 
+        # (indices, their values) per selection and row chunk: only the sparse selections live on
         top, aux, multi = [], [], []
-        for pre_acts in self._pre_acts_chunks(x_in):  # only the sparse selections live on
-            top.append(self.select_indices(pre_acts))
+        for pre_acts in self._pre_acts_chunks(x_in):
+            chosen = [(top, self.select_indices(pre_acts))]
             if need_aux:
-                aux.append(self._fixed_aux_indices(pre_acts, dead_mask) if fixed_aux
-                           else self.aux_indices(pre_acts, dead_mask))
+                chosen.append((aux, self._fixed_aux_indices(pre_acts, dead_mask) if fixed_aux
+                               else self.aux_indices(pre_acts, dead_mask)))
             if self.cfg.multi_topk:
-                multi.append(self.multi_topk_indices(pre_acts))
-        top_indices = _cat(top)
+                chosen.append((multi, self.multi_topk_indices(pre_acts)))
+            for parts, indices in chosen:
+                parts.append((indices, self.gather_chosen(pre_acts, indices)))
+        top_indices, top_values = _cat_pairs(top)
 
         skip = x.astype(self.W_skip.dtype) @ self.W_skip.T if self.W_skip is not None else 0
-        top_acts = self.acts_at(x_in, top_indices)
+        top_acts = self.acts_at(x_in, top_indices, top_values)
         sae_out = self.decode(top_acts, top_indices) + skip
         e = y - sae_out
         y32 = y.astype(mx.float32)
@@ -222,38 +236,38 @@ class SparseCoder(nn.Module):
 
         auxk_loss = multi_topk_fvu = mx.zeros((), dtype=mx.float32)
         if need_aux:
-            aux_indices = _cat(aux)
+            aux_indices, aux_values = _cat_pairs(aux)
+            aux_acts = self.acts_at(x_in, aux_indices, aux_values)
             if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
-                auxk_loss = self.auxk_loss(x_in, e, aux_indices, dead_mask.sum(), total_variance,
-                                           slot_mask=dead_mask[aux_indices])
+                aux_acts = mx.where(dead_mask[aux_indices], aux_acts, 0)
+                auxk_loss = self.auxk_loss(e, aux_acts, aux_indices, dead_mask.sum(), total_variance)
             else:
-                auxk_loss = self.auxk_loss(x_in, e, aux_indices, num_dead, total_variance)
+                auxk_loss = self.auxk_loss(e, aux_acts, aux_indices, num_dead, total_variance)
         if self.cfg.multi_topk:
-            multi_topk_fvu = self.multi_topk_fvu(x_in, y, _cat(multi), skip, total_variance)
+            multi_indices, multi_values = _cat_pairs(multi)
+            multi_acts = self.acts_at(x_in, multi_indices, multi_values)
+            multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def auxk_loss(self, x_in: mx.array, e: mx.array, aux_indices: mx.array, num_dead: int | mx.array,
-                  total_variance: mx.array, *, slot_mask: mx.array | None = None) -> mx.array:
+    def auxk_loss(self, e: mx.array, aux_acts: mx.array, aux_indices: mx.array, num_dead: int | mx.array,
+                  total_variance: mx.array) -> mx.array:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
         so e_hat has neither; e is a fixed target; the chosen latents' pre-activations train the encoder.
 
-        `num_dead` is a Python int (eager) or a scalar array (the fixed-size AuxK inside `mx.compile`, which also
-        passes `slot_mask` [N, k_aux]: False for slots on live latents, whose activations are zeroed)."""
+        `num_dead` is a Python int (eager) or a scalar array (the fixed-size AuxK inside `mx.compile`, whose slots
+        on live latents arrive with zero activations)."""
         half = self.d_out // 2
         if isinstance(num_dead, mx.array):
             scale = mx.minimum(num_dead.astype(mx.float32) / half, 1.0)
         else:
             scale = min(num_dead / half, 1.0)
-        aux_acts = self.acts_at(x_in, aux_indices)
-        if slot_mask is not None:
-            aux_acts = mx.where(slot_mask, aux_acts, 0)
         e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
         return scale * mx.square(e_hat.astype(mx.float32) - mx.stop_gradient(e).astype(mx.float32)).sum() \
             / total_variance
 
-    def multi_topk_fvu(self, x_in: mx.array, y: mx.array, multi_indices: mx.array, skip,
+    def multi_topk_fvu(self, y: mx.array, multi_acts: mx.array, multi_indices: mx.array, skip,
                        total_variance: mx.array) -> mx.array:
-        multi_out = self.decode(self.acts_at(x_in, multi_indices), multi_indices) + skip
+        multi_out = self.decode(multi_acts, multi_indices) + skip
         return mx.square((multi_out - y).astype(mx.float32)).sum() / total_variance
 
     forward = __call__
@@ -329,6 +343,10 @@ class SparseCoder(nn.Module):
         if not names:
             raise CheckpointError(f"{path}: no hookpoint folders (each holds cfg.json and sae.safetensors)")
         return {name: cls.load_from_disk(path / name, decoder=decoder) for name in names}
+
+
+def _cat_pairs(parts: list[tuple[mx.array, mx.array]]) -> tuple[mx.array, mx.array]:
+    return _cat([indices for indices, _ in parts]), _cat([values for _, values in parts])
 
 
 def _cat(parts: list[mx.array]) -> mx.array:

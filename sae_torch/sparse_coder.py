@@ -93,9 +93,19 @@ class SparseCoder(nn.Module):
     def encoder_input(self, x: Tensor) -> Tensor:
         return x if self.cfg.transcode else x - self.b_dec
 
-    def acts_at(self, x_in: Tensor, indices: Tensor) -> Tensor:
-        """relu(pre-activation) of the chosen latents, recomputed sparsely so that gradients reach the encoder."""
-        return F.relu(sparse_encode(x_in, self.encoder.weight, indices) + self.encoder.bias[indices])
+    def acts_at(self, x_in: Tensor, indices: Tensor, chosen: Tensor) -> Tensor:
+        """relu(pre-activation) of the chosen latents, with a sparse backward that reaches the encoder.
+
+        `chosen` holds the values gathered from the dense pre-activations (`gather_chosen`); `sparse_encode` only
+        supplies the gradient path (chosen - bias + bias is exact where the latent fires, and 0 where it does
+        not)."""
+        bias = self.encoder.bias[indices]
+        values = chosen.to(bias.dtype) - bias.detach()
+        return F.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values) + bias)
+
+    @staticmethod
+    def gather_chosen(pre_acts: Tensor, indices: Tensor) -> Tensor:
+        return pre_acts.gather(-1, indices)
 
     def pre_acts(self, x_in: Tensor) -> Tensor:
         with torch.no_grad():
@@ -105,7 +115,8 @@ class SparseCoder(nn.Module):
         x_in = self.encoder_input(x)
         pre_acts = self.pre_acts(x_in)
         top_indices = self.select_indices(pre_acts)
-        return EncoderOutput(self.acts_at(x_in, top_indices), top_indices, pre_acts)
+        top_acts = self.acts_at(x_in, top_indices, self.gather_chosen(pre_acts, top_indices))
+        return EncoderOutput(top_acts, top_indices, pre_acts)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         assert self.W_dec is not None, "this coder was loaded with decoder=False"
@@ -116,34 +127,38 @@ class SparseCoder(nn.Module):
         x_in = self.encoder_input(x)
         pre_acts = self.pre_acts(x_in)
         top_indices = self.select_indices(pre_acts)
+        top_acts = self.acts_at(x_in, top_indices, self.gather_chosen(pre_acts, top_indices))
         num_dead = 0 if dead_mask is None else int(dead_mask.sum())
-        aux_indices = self.aux_indices(pre_acts, dead_mask) if num_dead else None
-        multi_indices = self.multi_topk_indices(pre_acts) if self.cfg.multi_topk else None
+        if num_dead:
+            aux_indices = self.aux_indices(pre_acts, dead_mask)
+            aux_acts = self.acts_at(x_in, aux_indices, self.gather_chosen(pre_acts, aux_indices))
+        if self.cfg.multi_topk:
+            multi_indices = self.multi_topk_indices(pre_acts)
+            multi_acts = self.acts_at(x_in, multi_indices, self.gather_chosen(pre_acts, multi_indices))
         del pre_acts  # only the sparse selections live on: the backward needs no dense [N, M] tensor
 
         skip = x.to(self.W_skip.dtype) @ self.W_skip.mT if self.W_skip is not None else 0
-        top_acts = self.acts_at(x_in, top_indices)
         sae_out = self.decode(top_acts, top_indices) + skip
         e = y - sae_out
         total_variance = (y - y.mean(0)).float().pow(2).sum()
         fvu = e.float().pow(2).sum() / total_variance
 
         auxk_loss = multi_topk_fvu = fvu.new_zeros(())
-        if aux_indices is not None:
-            auxk_loss = self.auxk_loss(x_in, e, aux_indices, num_dead, total_variance)
-        if multi_indices is not None:
-            multi_topk_fvu = self.multi_topk_fvu(x_in, y, multi_indices, skip, total_variance)
+        if num_dead:
+            auxk_loss = self.auxk_loss(e, aux_acts, aux_indices, num_dead, total_variance)
+        if self.cfg.multi_topk:
+            multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def auxk_loss(self, x_in: Tensor, e: Tensor, aux_indices: Tensor, num_dead: int, total_variance: Tensor):
+    def auxk_loss(self, e: Tensor, aux_acts: Tensor, aux_indices: Tensor, num_dead: int, total_variance: Tensor):
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
         so e_hat has neither; e is a fixed target; the chosen latents' pre-activations train the encoder."""
         scale = min(num_dead / (self.d_out // 2), 1.0)
-        e_hat = sparse_decode(self.acts_at(x_in, aux_indices), aux_indices, self.W_dec)
+        e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
         return scale * (e_hat.float() - e.detach().float()).pow(2).sum() / total_variance
 
-    def multi_topk_fvu(self, x_in: Tensor, y: Tensor, multi_indices: Tensor, skip, total_variance: Tensor):
-        multi_out = self.decode(self.acts_at(x_in, multi_indices), multi_indices) + skip
+    def multi_topk_fvu(self, y: Tensor, multi_acts: Tensor, multi_indices: Tensor, skip, total_variance: Tensor):
+        multi_out = self.decode(multi_acts, multi_indices) + skip
         return (multi_out - y).float().pow(2).sum() / total_variance
 
     # ---- decoder-norm utilities ----

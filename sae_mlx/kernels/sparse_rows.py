@@ -687,17 +687,38 @@ def _sparse_decode_vjp(primals, cotangent, output):
     return d_acts, mx.zeros_like(indices), d_weight
 
 
-@mx.custom_function
-def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array, values: mx.array | None = None) -> mx.array:
     """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias);
-    gradients w.r.t. ``x`` [N, d] and ``weight`` [M, d] (``indices`` get zeros)."""
-    return gather_dot(x, weight, indices)
+    gradients w.r.t. ``x`` [N, d] and ``weight`` [M, d] (``indices`` get zeros). ``values``: those numbers if
+    already computed (gathered from a dense pre-activation matmul); then only the vjp runs sparse kernels."""
+    if values is None:
+        return _sparse_encode(x, weight, indices)
+    return _sparse_encode_given(x, weight, indices, mx.stop_gradient(values))
 
 
-@sparse_encode.vjp
-def _sparse_encode_vjp(primals, cotangent, output):
-    x, weight, indices = primals
+def _encode_vjp(x, weight, indices, cotangent):
     cot = _single(cotangent)
     d_x = gather_weighted_sum(cot, indices, weight).astype(x.dtype)
     d_weight = scatter_outer(cot, indices, x, weight.shape[0]).astype(weight.dtype)
     return d_x, d_weight, mx.zeros_like(indices)
+
+
+@mx.custom_function
+def _sparse_encode(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+    return gather_dot(x, weight, indices)
+
+
+@_sparse_encode.vjp
+def _sparse_encode_vjp(primals, cotangent, output):
+    return _encode_vjp(*primals, cotangent)
+
+
+@mx.custom_function
+def _sparse_encode_given(x: mx.array, weight: mx.array, indices: mx.array, values: mx.array) -> mx.array:
+    return values
+
+
+@_sparse_encode_given.vjp
+def _sparse_encode_given_vjp(primals, cotangent, output):
+    x, weight, indices, values = primals
+    return (*_encode_vjp(x, weight, indices, cotangent), mx.zeros_like(values))

@@ -725,13 +725,16 @@ def sparse_decode(acts: torch.Tensor, indices: torch.Tensor, weight: torch.Tenso
 class SparseEncode(torch.autograd.Function):
     """``pre = gather_dot(x, weight, indices)`` [N, k]: the encoder pre-activations at the selected latents (no
     bias); differentiable w.r.t. ``x`` [N, d] and ``weight`` [M, d]. Backward:
-    d_x = gather_weighted_sum(grad, indices, weight); d_weight = scatter_outer(grad, indices, x, M)."""
+    d_x = gather_weighted_sum(grad, indices, weight); d_weight = scatter_outer(grad, indices, x, M).
+    When the caller already has these values (gathered from a dense pre-activation GEMM), it passes them as
+    ``values`` and the forward skips the gather-dot; the backward is the same."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
+                values: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight, indices)
-        return gather_dot(x, weight, indices)
+        return gather_dot(x, weight, indices) if values is None else values.detach().clone()
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
@@ -743,9 +746,11 @@ class SparseEncode(torch.autograd.Function):
             d_x = gather_weighted_sum(grad, indices, weight).to(x.dtype)
         if ctx.needs_input_grad[1]:
             d_weight = scatter_outer(grad, indices, x, weight.shape[0]).to(weight.dtype)
-        return d_x, d_weight, None
+        return d_x, d_weight, None, None
 
 
-def sparse_encode(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias)."""
-    return SparseEncode.apply(x, weight, indices)
+def sparse_encode(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
+                  values: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias).
+    ``values``: those numbers if already computed; then only the backward runs sparse kernels."""
+    return SparseEncode.apply(x, weight, indices, values)
