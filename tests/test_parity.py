@@ -20,7 +20,7 @@ def test_torch_eager_passes_every_case_fp32_and_bf16():
     assert rows and not failing(rows)
 
 
-@pytest.mark.parametrize("path", ["mlx-fallback", "metal-harness"])
+@pytest.mark.parametrize("path", ["mlx-fallback", "mlx-metal", "metal-harness"])
 def test_mlx_paths_pass(path):
     reason = available_paths()[path]
     if reason:
