@@ -54,7 +54,9 @@ def run(args) -> int:
     triton_in_child = ("torch-triton" in paths and not _on_gpu()
                        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
     in_process = [p for p in paths if not (p == "torch-triton" and triton_in_child)]
-    progress = None if args.json else (lambda p, c, d: print(f"\r{p:14s} {d:9s} {c:45s}", end="", file=sys.stderr))
+    progress = None
+    if not args.json and sys.stderr.isatty():  # a one-line live status; nothing when logged to a file
+        progress = lambda p, c, d: print(f"\r{p:14s} {d:9s} {c:45s}", end="", file=sys.stderr, flush=True)
     rows = run_suite(in_process, dtypes, args.quick, args.seed, progress=progress)
     if triton_in_child:
         rows += _child_rows("torch-triton", args)
