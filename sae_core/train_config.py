@@ -85,7 +85,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     distribute_modules: bool = False
-    """Reserved for distributed training (one coder per rank); not implemented yet."""
+    """Distributed runs (torchrun): give each rank its own hookpoints' coders instead of splitting every batch
+    (sparsify's name; see sae_torch.distributed)."""
 
     # ---- saving and logging ----
     save_dir: str = "runs"
@@ -128,8 +129,6 @@ class TrainConfig:
             problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.hookpoints and self.layers:
             problems.append("give hookpoints or layers, not both")
-        if self.distribute_modules:
-            problems.append("distribute_modules is not implemented yet (reserved for distributed training)")
         if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name.startswith(".")):
             problems.append(f"run_name must be a plain folder name, got {self.run_name!r}")
         if problems:
@@ -186,7 +185,8 @@ class TrainConfig:
 
 
 # Fields a resumed run may change; every other field must match the checkpoint (the data order depends on them).
-RESUMABLE_CHANGES = ("max_tokens", "save_every", "keep_best", "log_every", "save_dir", "run_name", "device")
+RESUMABLE_CHANGES = ("max_tokens", "save_every", "keep_best", "log_every", "save_dir", "run_name", "device",
+                     "distribute_modules")  # distributed layout only: the math and the data order are the same
 
 
 def incompatible_changes(saved: TrainConfig, new: TrainConfig) -> list[str]:
