@@ -23,7 +23,8 @@ folder, each owner writes its coders into it, rank 0 writes state.json (all code
 
 A rank that dies or raises makes the others fail at their next collective with an error naming the collective
 (gloo notices a closed connection at once; a silent hang is bounded by `SAE_DIST_TIMEOUT` seconds, default 600).
-Test hook: `SAE_DEBUG_DIE="<rank>:<step>"` makes that rank exit(1) before that optimizer step.
+Test hook: `SAE_DEBUG_DIE="<rank>:<step>[:hang]"` makes that rank exit(1) (or sleep) before that optimizer
+step.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -222,7 +224,10 @@ class DistributedTrainer(Trainer):
         c.sums["batches"] = c.sums.get("batches", 0) + 1
 
     def _optimizer_step(self, c, lr: float, step_tokens: int) -> None:
-        if self._die and self._die == f"{self.rank}:{self.step}":
+        if self._die and self._die.split(":")[:2] == [str(self.rank), str(self.step)]:
+            if self._die.endswith(":hang"):
+                print(f"rank {self.rank}: hanging at step {self.step} (SAE_DEBUG_DIE)", file=sys.stderr, flush=True)
+                time.sleep(3600)
             print(f"rank {self.rank}: dying at step {self.step} (SAE_DEBUG_DIE)", file=sys.stderr, flush=True)
             os._exit(1)
         if self.modules:

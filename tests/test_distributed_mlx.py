@@ -1,0 +1,229 @@
+"""Distributed training, MLX (ring backend over TCP on 127.0.0.1, 2 real processes): data parallel == 1 rank on
+the same global batches, resume at another world size, a dying rank stops the others (watchdog).
+
+Tiny coders trained from arrays (made in NumPy from a seed). This file is also the worker:
+`python tests/test_distributed_mlx.py worker <json options>`; ranks are started with MLX_RANK and MLX_HOSTFILE
+(what mlx.launch sets); one test goes through mlx.launch itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HOOKS = ("layers.0", "layers.1")
+ROWS, D_IN, BATCHES = 96, 24, 8
+
+
+def make_batches(seed: int = 0, hooks=HOOKS, rows=ROWS, batches=BATCHES):
+    """Global batches {hook: [rows, D_IN]} with a per-hook offset (b_dec != 0) and a few strong directions."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(16, D_IN)).astype(np.float32)
+    out = []
+    for _ in range(batches):
+        batch = {}
+        for i, hook in enumerate(hooks):
+            codes = rng.exponential(size=(rows, 16)).astype(np.float32) * (rng.random((rows, 16)) < 0.2)
+            batch[hook] = codes @ basis + 0.5 * (i + 1) + 0.05 * rng.normal(size=(rows, D_IN)).astype(np.float32)
+        out.append(batch)
+    return out
+
+
+def worker(opts: dict) -> None:
+    from sae_core.config import SparseCoderConfig
+    from sae_core.train_config import TrainConfig
+    from sae_mlx import distributed
+
+    hooks = opts.get("hooks", list(HOOKS[:1]))
+    batches = make_batches(hooks=hooks, batches=opts.get("batches", BATCHES))
+    cfg = TrainConfig(sae=SparseCoderConfig(k=4, expansion_factor=4, multi_topk=opts.get("multi_topk", False)),
+                      optimizer=opts.get("optimizer", "adam"), lr=opts.get("lr", 3e-3), lr_warmup_steps=0,
+                      max_tokens=ROWS * opts.get("steps", BATCHES), grad_acc_steps=opts.get("grad_acc", 1),
+                      micro_acc_steps=opts.get("micro_acc", 1), dead_feature_threshold=200,
+                      save_dir=opts["save_dir"], run_name=opts["run_name"], save_every=opts.get("save_every", 1000),
+                      log_every=2)
+    result = distributed.train(cfg, batches, resume=opts.get("resume", False), progress=False,
+                               stop_after_steps=opts.get("stop_after"), plots=False)
+    print("RESULT " + json.dumps({k: result[k] for k in ("step", "tokens", "coders")} |
+                                 {"rank": result.get("rank", 0)}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launching
+# ---------------------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(opts: dict, world: int, extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """Start `world` worker processes on a free port (world 1: no process group at all)."""
+    procs = []
+    hostfile = Path(opts["save_dir"]) / f"hosts-{free_port()}.json"
+    hostfile.parent.mkdir(parents=True, exist_ok=True)
+    hostfile.write_text(json.dumps([f"127.0.0.1:{free_port()}" for _ in range(world)]))
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(extra_env or {})}
+        if world > 1:
+            env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
+        procs.append(subprocess.Popen([sys.executable, __file__, "worker", json.dumps(opts)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def wait(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    deadline = time.monotonic() + timeout
+    done = []
+    for p in procs:
+        try:
+            out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"distributed run did not finish in {timeout} s (a hang)")
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def launch(opts: dict, world: int, timeout: float = 120, extra_env: dict | None = None):
+    return wait(start(opts, world, extra_env), timeout)
+
+
+def launch_many(jobs: dict[str, tuple[dict, int]], timeout: float = 180) -> dict[str, list]:
+    """Several independent runs at once (process start-up, mostly imports and MLX's compile, dominates their time)."""
+    started = {name: start(opts, world) for name, (opts, world) in jobs.items()}
+    return {name: wait(procs, timeout) for name, procs in started.items()}
+
+
+def results(done) -> list[dict]:
+    out = []
+    for p in done:
+        assert p.returncode == 0, p.stderr[-3000:]
+        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
+        out.append(json.loads(line[len("RESULT "):]))
+    return out
+
+
+def tensors(run: Path, name: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return {**load_file(str(run / name / "sae.safetensors")), **load_file(str(run / name / "state.safetensors"))}
+
+
+def max_rel_diff(a: dict, b: dict, keys=("encoder.weight", "encoder.bias", "W_dec", "b_dec")) -> float:
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in keys)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------------------------------
+
+pytest.importorskip("mlx.core")
+COMMON = dict(hooks=list(HOOKS), optimizer="adam", grad_acc=2, micro_acc=2, steps=8, multi_topk=True)
+# Measured here, 2 ranks vs 1 rank, Adam: max |diff| / max |ref| over the weights 7.6e-5 (b_dec of one coder;
+# the others <= 5e-6): Adam divides by sqrt(v), and b_dec's gradient starts near 0 (b_dec is initialised to the
+# batch mean), so float-summation differences are amplified there. Firing counters are equal.
+ADAM_RTOL = 5e-4
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The runs the tests compare, started together: 1 rank (no group: the plain trainer), 2 ranks (full, and
+    paused after 2 of 4 steps), and signum at 1 and 2 ranks."""
+    d = tmp_path_factory.mktemp("dist_mlx")
+    common = {**COMMON, "save_dir": str(d)}
+    signum = {**common, "optimizer": "signum", "multi_topk": False}
+    done = launch_many({"one": ({**common, "run_name": "one"}, 1),
+                        "two": ({**common, "run_name": "two"}, 2),
+                        "resized": ({**common, "run_name": "resized", "stop_after": 2}, 2),
+                        "signum_one": ({**signum, "run_name": "signum_one"}, 1),
+                        "signum_two": ({**signum, "run_name": "signum_two"}, 2)})
+    return d, {name: results(procs) for name, procs in done.items()}
+
+
+def _assert_close_to_reference(run: Path, ref_run: Path, rtol: float) -> None:
+    for hook in HOOKS:
+        a, b = tensors(ref_run, hook), tensors(run, hook)
+        assert a.keys() == b.keys()
+        assert max_rel_diff(a, b) <= rtol, (hook, max_rel_diff(a, b))
+        for key in ("tokens_since_fired", "fire_count"):  # dead-latent statistics: reduced across ranks, exact
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"{hook} {key}")
+        assert (a["tokens_since_fired"] >= 200).any(), "the run should have had dead latents (AuxK active)"
+
+
+def test_data_parallel_two_ranks_equals_one_rank(runs):
+    """2 ring ranks, each with half of every global batch (grad and micro accumulation, AuxK with dead latents,
+    Multi-TopK): weights and firing counters match the 1-rank run; one checkpoint, written by rank 0."""
+    from sae_core.training_state import read_run_state
+
+    save_dir, res = runs
+    ref, two = res["one"][0], res["two"]
+    assert [r["rank"] for r in two] == [0, 1]
+    for r in two:
+        assert r["step"] == ref["step"] == 4 and r["tokens"] == ref["tokens"] == ROWS * 8
+        for hook in HOOKS:  # logged metrics are global
+            assert abs(r["coders"][hook]["fvu"] - ref["coders"][hook]["fvu"]) <= 1e-4
+    _assert_close_to_reference(save_dir / "two", save_dir / "one", ADAM_RTOL)
+    state = read_run_state(save_dir / "two")
+    assert state["step"] == 4 and state["batches"] == 8 and state["tokens"] == ROWS * 8 and state["backend"] == "mlx"
+
+
+def test_resume_at_a_different_world_size(runs):
+    """Save at 2 ranks after 2 of 4 steps, resume at 1 rank: the result is the uninterrupted 1-rank run's."""
+    save_dir, res = runs
+    ref, paused = res["one"][0], res["resized"]
+    assert paused[0]["step"] == 2
+    (resumed,) = results(launch({**COMMON, "save_dir": str(save_dir), "run_name": "resized", "resume": True}, 1))
+    assert resumed["step"] == 4 and resumed["tokens"] == ref["tokens"]
+    _assert_close_to_reference(save_dir / "resized", save_dir / "one", ADAM_RTOL)
+
+
+def test_signum_data_parallel_within_sign_flip_tolerance(runs):
+    """signum moves every weight by exactly lr per step in the direction of sign(momentum); a rounding
+    difference in a momentum entry near 0 flips it (a 2 lr difference, and possibly a latent that fires
+    differently afterwards). Measured here: flips in one coder's b_dec and a few W_dec/encoder entries
+    (max |diff| 6e-3 = 2 lr), none in the other coder. Allowed: at most 5% of entries off by more than 1e-5,
+    none by more than 2 * lr * steps; the FVU within 1e-3."""
+    save_dir, res = runs
+    lr, steps = 3e-3, 4
+    for hook in HOOKS:
+        a, b = tensors(save_dir / "signum_one", hook), tensors(save_dir / "signum_two", hook)
+        for key in ("encoder.weight", "encoder.bias", "W_dec", "b_dec"):
+            diff = np.abs(a[key] - b[key])
+            assert (diff > 1e-5).mean() <= 0.05 and diff.max() <= 2 * lr * steps + 1e-5, (hook, key)
+        fvu1, fvu2 = res["signum_one"][0]["coders"][hook]["fvu"], res["signum_two"][0]["coders"][hook]["fvu"]
+        assert abs(fvu1 - fvu2) <= 1e-3
+
+
+def test_a_dying_or_stuck_rank_stops_the_others_with_a_clear_error(tmp_path):
+    """Rank 1 exits at step 2: the ring reports the lost peer and rank 0 stops with an error naming the
+    collective. Rank 1 hangs at step 2 instead: rank 0's watchdog ends it after SAE_DIST_TIMEOUT (5 s)."""
+    started = {mode: start({"save_dir": str(tmp_path), "run_name": mode, "steps": 8}, 2,
+                           extra_env={"SAE_DEBUG_DIE": "1:2" + (":hang" if mode == "hang" else ""),
+                                      "SAE_DIST_TIMEOUT": "5"}) for mode in ("die", "hang")}
+    t0 = time.monotonic()
+    die = wait(started["die"], timeout=60)
+    assert die[1].returncode == 1 and "dying at step 2" in die[1].stderr
+    assert die[0].returncode != 0
+    assert "rank 0: lost the other ranks during" in die[0].stderr, die[0].stderr[-2000:]
+    rank0 = started["hang"][0]
+    out, err = rank0.communicate(timeout=max(60 - (time.monotonic() - t0), 1))
+    started["hang"][1].kill()
+    started["hang"][1].communicate()
+    assert rank0.returncode == 1 and "got no answer from the other ranks in 5 s" in err, err[-2000:]
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
+    sys.path.insert(0, str(REPO))
+    worker(json.loads(sys.argv[2]))
+    sys.exit(0)
