@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="fixture seed")
     parser.add_argument("--json", action="store_true", help="print JSON (every row, the summary, paths) instead")
     parser.add_argument("--all-rows", action="store_true", help="print every (case, quantity) row, not the worst")
+    parser.add_argument("--training", action="store_true",
+                        help="also train 300 steps on torch and MLX from the same init and compare (parity.training: "
+                             "Adam and signum, fp32, about a minute)")
 
 
 def _child_rows(path: str, args) -> list[Row]:
@@ -60,6 +63,8 @@ def run(args) -> int:
     rows = run_suite(in_process, dtypes, args.quick, args.seed, progress=progress)
     if triton_in_child:
         rows += _child_rows("torch-triton", args)
+    if args.training:
+        rows += _training_rows(reasons)
     if progress:
         print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
     ok = all(row.ok for row in rows)
@@ -72,6 +77,15 @@ def run(args) -> int:
         print(f"\n{'PASS' if ok else 'FAIL'}: {sum(r.ok for r in rows)} of {len(rows)} checks within their ceilings "
               f"({len(rows) and len({r.case for r in rows})} cases, paths: {', '.join(paths)})")
     return 0 if ok else 1
+
+
+def _training_rows(reasons: dict) -> list[Row]:
+    if reasons["torch-eager"] or reasons["mlx-fallback"]:
+        print("skipped training parity: it needs both torch and mlx", file=sys.stderr)
+        return []
+    from .training import run_training_parity
+
+    return [row for optimizer in ("adam", "signum") for row in run_training_parity(optimizer=optimizer)]
 
 
 def _on_gpu() -> bool:
