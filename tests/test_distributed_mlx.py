@@ -56,6 +56,17 @@ def worker(opts: dict) -> None:
                                  {"rank": result.get("rank", 0)}), flush=True)
 
 
+def write_cache(folder: Path, hooks=HOOKS, tokens: int = 4 * ROWS) -> Path:
+    """A small activation cache (sae_core.activation_cache) of the arrays above, in 4 shards."""
+    from sae_core.activation_cache import CacheWriter
+
+    writer = CacheWriter(folder, {h: (D_IN, D_IN) for h in hooks}, False, shard_tokens=tokens // 4)
+    for i, batch in enumerate(make_batches(hooks=hooks, batches=tokens // ROWS)):
+        writer.add(np.arange(ROWS) + i * ROWS, {h: (x, x) for h, x in batch.items()})
+    writer.close()
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launching
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,6 +232,24 @@ def test_a_dying_or_stuck_rank_stops_the_others_with_a_clear_error(tmp_path):
     started["hang"][1].kill()
     started["hang"][1].communicate()
     assert rank0.returncode == 1 and "got no answer from the other ranks in 5 s" in err, err[-2000:]
+
+
+def test_mlx_launch_cli(tmp_path):
+    """The real launcher: `mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- python -m sae_mlx.distributed
+    train ...` from an activation cache; one checkpoint, by rank 0, at the global step count."""
+    from sae_core.training_state import read_run_state
+
+    cache = write_cache(tmp_path / "cache")
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    cmd = [str(launcher), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port",
+           str(free_port()), "--", sys.executable, "-m", "sae_mlx.distributed", "train", "--activations", str(cache),
+           "--batch_size", "2", "--ctx_len", "48", "--max_tokens", str(4 * ROWS), "--k", "4", "--expansion_factor",
+           "4", "--save_dir", str(tmp_path / "runs"), "--run_name", "cli", "--quiet", "--no-lr_decay"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SAE_DIST_TIMEOUT": "60"}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-3000:])
+    state = read_run_state(tmp_path / "runs" / "cli")
+    assert sorted(state["coders"]) == list(HOOKS) and state["step"] == 4 and state["tokens"] == 4 * ROWS
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
