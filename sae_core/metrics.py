@@ -117,7 +117,7 @@ def plot_run(run: Path, fire_counts: dict[str, np.ndarray], tokens: int) -> list
         bottom.grid(True, alpha=0.3)
         bottom.legend(fontsize=7)
         fig.suptitle(run.name)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.08, hspace=0.08)
         path = out_dir / "loss.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -132,7 +132,7 @@ def plot_run(run: Path, fire_counts: dict[str, np.ndarray], tokens: int) -> list
         ax.set_ylabel("latents")
         ax.set_title(f"{name}: {len(counts)} latents, {int((counts == 0).sum())} never fired in {tokens:,} tokens")
         ax.grid(True, alpha=0.3)
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.12, right=0.97, top=0.9, bottom=0.14)
         path = out_dir / f"firing_{name.replace('/', '_')}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

@@ -43,7 +43,7 @@ class TrainConfig:
     activations: str | None = None
     """Train from an activation cache written by `sae harvest` instead of running the model."""
     hookpoints: list[str] = field(default_factory=list)
-    """Module names (fnmatch patterns) in model.base_model, e.g. `layers.6`, `layers.*.mlp`.
+    """Module names (fnmatch patterns, `*` also matches dots) in model.base_model, e.g. `layers.6`, `layers.*.mlp`.
     Default: the middle layer's residual output."""
     layers: list[int] = field(default_factory=list)
     """Layer indices, a shorthand for hookpoints `layers.<i>`."""

@@ -1,0 +1,313 @@
+"""The `sae` command: train, eval, harvest, convert, parity. Framework-free; the work is done by a backend.
+
+A backend `sae_<name>` (torch or mlx) provides:
+    sae_<name>.trainer.train(cfg, source=None, *, resume, explicit, overwrite, progress) -> result dict
+    sae_<name>.eval.evaluate(run, **options) -> report dict
+    sae_<name>.activations.harvest(out, cfg, *, save_dtype, shard_tokens, overwrite, progress) -> manifest dict
+and everything it prints comes from sae_core.metrics, so both backends read the same.
+
+Train flags are generated from TrainConfig's fields (sparsify's names: --batch_size, --k, --expansion_factor,
+--hookpoints, --layers, --grad_acc_steps, --lr, --auxk_alpha, --dead_feature_threshold, --save_every, --optimizer,
+--run_name, ...), with help taken from the field docstrings. User mistakes print one line `error: ...` and exit 2;
+Ctrl-C exits 130 (during training: after saving a checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import inspect
+import platform
+import sys
+import typing
+from dataclasses import fields
+
+from .config import ACTIVATIONS, SparseCoderConfig
+from .errors import UserError
+from .train_config import DTYPES, OPTIMIZERS, TrainConfig
+
+BACKENDS = ("auto", "torch", "mlx")
+CHOICES = {"optimizer": OPTIMIZERS, "dtype": DTYPES, "activation": ACTIVATIONS}
+
+SAE_HELP = {
+    "activation": "latent selection: topk (k largest) or groupmax (max of each of k groups)",
+    "expansion_factor": "latents per input dimension (M = d_in * expansion_factor when num_latents is 0)",
+    "normalize_decoder": "keep decoder rows at unit norm",
+    "num_latents": "number of latents M; 0 means d_in * expansion_factor",
+    "k": "active latents per token",
+    "multi_topk": "add the Multi-TopK loss (4k latents, weight 1/8)",
+    "skip_connection": "add a linear skip connection W_skip",
+    "transcode": "train a transcoder: predict the hookpoint module's output from its input",
+}
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The string literal following each field of a dataclass in its source (our field docstrings)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _optional_int(text: str):
+    if text.lower() in ("none", "all"):
+        return None
+    try:
+        return int(float(text)) if "e" in text.lower() else int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def _optional_float(text: str):
+    if text.lower() in ("none", "auto"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _add_field(group, name: str, annotation, default, help_text: str, dest: str) -> None:
+    text = str(annotation)
+    kwargs: dict = {"dest": dest, "default": argparse.SUPPRESS}
+    shown = default if not isinstance(default, list) else " ".join(map(str, default)) or "none"
+    help_text = f"{help_text} [default: {shown}]" if help_text else f"[default: {shown}]"
+    if annotation is bool or text == "bool":
+        group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text, **kwargs)
+        return
+    if "list[int]" in text:
+        kwargs.update(nargs="*" if "None" in text else "+", type=int, metavar="N")
+    elif "list[str]" in text:
+        kwargs.update(nargs="+", metavar="NAME")
+    elif "int" in text:
+        kwargs.update(type=_optional_int if "None" in text else int, metavar="N")
+    elif "float" in text:
+        kwargs.update(type=_optional_float if "None" in text else float, metavar="X")
+    elif name in CHOICES:
+        kwargs.update(choices=CHOICES[name])
+    else:
+        kwargs.update(metavar="TEXT")
+    group.add_argument(f"--{name}", help=help_text, **kwargs)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainConfig field (and per SparseCoderConfig field, under the same flat names)."""
+    docs = _field_docs(TrainConfig)
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    sae_group = parser.add_argument_group("sparse coder")
+    for f in fields(SparseCoderConfig):
+        if only is None or f.name in only:
+            _add_field(sae_group, f.name, typing.get_type_hints(SparseCoderConfig)[f.name],
+                       getattr(defaults.sae, f.name), SAE_HELP.get(f.name, ""), f"sae.{f.name}")
+    group = parser.add_argument_group("training")
+    for f in fields(TrainConfig):
+        if f.name == "sae" or (only is not None and f.name not in only):
+            continue
+        _add_field(group, f.name, hints[f.name], getattr(defaults, f.name), docs.get(f.name, ""), f.name)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, set[str]]:
+    """TrainConfig from the parsed flags, and the set of field names the user gave explicitly."""
+    cfg = TrainConfig()
+    given = set()
+    for key, value in vars(args).items():
+        if key.startswith("sae."):
+            setattr(cfg.sae, key[4:], value)
+            given.add(key)
+        elif key in {f.name for f in fields(TrainConfig)}:
+            setattr(cfg, key, value)
+            given.add(key)
+    return cfg, given
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_backend(name: str) -> str:
+    """auto: Metal (Apple silicon with MLX) -> mlx; CUDA -> torch; otherwise torch."""
+    if name != "auto":
+        return name
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        try:
+            import mlx.core as mx
+
+            if mx.metal.is_available():
+                return "mlx"
+        except Exception:
+            pass
+    return "torch"
+
+
+def backend_module(backend: str, part: str):
+    try:
+        return importlib.import_module(f"sae_{backend}.{part}")
+    except ModuleNotFoundError as e:
+        if e.name == f"sae_{backend}.{part}":
+            raise UserError(f"the {backend} backend has no {part} module yet; use --backend torch") from None
+        if e.name and e.name.split(".")[0] in ("torch", "mlx", "transformers", "tqdm", "matplotlib"):
+            extra = {"torch": "torch", "mlx": "mlx"}.get(e.name.split(".")[0], "train")
+            raise UserError(f"the {backend} backend needs the package {e.name.split('.')[0]!r}: "
+                            f"pip install -e '.[{extra},train]'") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------------------------------------------
+
+def _cmd_train(args) -> int:
+    from .metrics import print_summary
+
+    cfg, given = config_from_args(args)
+    trainer = backend_module(resolve_backend(args.backend), "trainer")
+    resume = args.resume if args.resume not in (None, False) else False
+    result = trainer.train(cfg, resume=resume, explicit=given, overwrite=args.overwrite,
+                           progress=not args.quiet, plots=args.plots)
+    print_summary(result)
+    if result["interrupted"]:
+        print(f"Resume with: sae train --resume {result['run_dir']}")
+        return 130
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .metrics import print_eval
+
+    evaluator = backend_module(resolve_backend(args.backend), "eval")
+    report = evaluator.evaluate(args.run, model=args.model, dataset=args.dataset, split=args.split,
+                                max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
+                                dtype=args.dtype, text_column=args.text_column, progress=not args.quiet)
+    print_eval(report)
+    return 0
+
+
+def _cmd_harvest(args) -> int:
+    cfg, _ = config_from_args(args)
+    if "max_tokens" not in vars(args):
+        cfg.max_tokens = None  # harvest: one pass over the split unless told otherwise
+    acts = backend_module(resolve_backend(args.backend), "activations")
+    manifest = acts.harvest(args.out, cfg, save_dtype=args.save_dtype, shard_tokens=args.shard_tokens,
+                            overwrite=args.overwrite, progress=not args.quiet)
+    hooks = ", ".join(f"{h} ({w['d_in']}->{w['d_out']})" for h, w in manifest["hookpoints"].items())
+    print(f"Harvested {manifest['total_tokens']:,} tokens of {hooks} into {args.out} "
+          f"({len(manifest['shards'])} shard(s)); train on it with: sae train --activations {args.out}")
+    return 0
+
+
+def build_parser(default_backend: str = "auto") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train and evaluate TopK sparse autoencoders and transcoders (sparsify-compatible checkpoints).",
+        epilog="examples:\n"
+               "  sae train                                  SmolLM2-135M on built-in text (offline, CPU-sized)\n"
+               "  sae train --model gpt2 --dataset NeelNanda/pile-10k --layers 3 6 9 --batch_size 16\n"
+               "  sae train --resume runs/smollm2-layers.7   continue a run exactly where it stopped\n"
+               "  sae eval runs/smollm2-layers.7             FVU, L0, dead %, CE loss recovered, KL\n"
+               "  sae harvest acts/ --layers 7 && sae train --activations acts/\n"
+               "run `sae COMMAND --help` for a command's flags")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def backend_flag(p):
+        p.add_argument("--backend", choices=BACKENDS, default=default_backend,
+                       help=f"auto: mlx on Apple-silicon Metal, else torch [default: {default_backend}]")
+
+    train = sub.add_parser("train", help="train sparse coders", formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description="Train one sparse coder per hookpoint (and init seed) on a language model's "
+                                       "activations, from one model forward per batch. With no flags: SmolLM2-135M "
+                                       "(offline) on the text of pydoc_data.topics, a CPU-sized run.")
+    backend_flag(train)
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN",
+                       help="continue a run exactly: a run folder, or the one named by --run_name / the defaults")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder of that name")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                       help="write plots/*.png at the end [default: True]")
+    add_train_arguments(train)
+    train.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run on held-out text",
+                        description="FVU, L0 and dead % on held-out text; with each coder spliced into the model "
+                                    "(the hookpoint's output replaced by the reconstruction): CE loss increase, "
+                                    "fraction of CE loss recovered vs zero-ablation, and KL to the clean model.")
+    backend_flag(ev)
+    ev.add_argument("run", metavar="RUN", help="a run folder (from sae train) or a hookpoint folder")
+    ev.add_argument("--model", help="the model (default: the run's)")
+    ev.add_argument("--dataset", help="the text (default: the run's)")
+    ev.add_argument("--split", default="test", help="[default: test, the run's held-out chunks]")
+    ev.add_argument("--max_tokens", type=_optional_int, default=32768, metavar="N", help="[default: 32768]")
+    ev.add_argument("--batch_size", type=int, default=None, metavar="N", help="sequences per forward "
+                                                                             "[default: the run's]")
+    ev.add_argument("--device", default=None, help="[default: the run's]")
+    ev.add_argument("--dtype", default=None, help="model dtype [default: the run's]")
+    ev.add_argument("--text_column", default=None, help="[default: the run's]")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_eval)
+
+    hv = sub.add_parser("harvest", help="write an activation cache to train from",
+                        description="Run the model over the data once and store the hookpoints' activations "
+                                    "(safetensors shards + manifest.json); `sae train --activations OUT` streams "
+                                    "them. Without --max_tokens: one pass over the split.")
+    backend_flag(hv)
+    hv.add_argument("out", metavar="OUT", help="cache folder to write")
+    hv.add_argument("--save_dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the stored activations [default: float32]")
+    hv.add_argument("--shard_tokens", type=int, default=65536, metavar="N", help="tokens per shard [default: 65536]")
+    hv.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    hv.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_train_arguments(hv, only=("model", "dataset", "split", "text_column", "hookpoints", "layers", "layer_stride",
+                                  "ctx_len", "exclude_tokens", "max_tokens", "batch_size", "seed", "dtype", "device",
+                                  "transcode"))
+    hv.set_defaults(func=_cmd_harvest)
+
+    sub.add_parser("convert", help="convert checkpoints between sparsify's and SAELens's layouts "
+                                   "(sae convert --help)", add_help=False)
+    sub.add_parser("parity", help="check a backend against the float64 oracle (sae parity --help)", add_help=False)
+    return parser
+
+
+def _delegate(command: str, argv: list[str]) -> int:
+    if command == "convert":
+        try:
+            from . import convert
+        except ImportError as e:
+            raise UserError(f"`sae convert` is not available ({e})") from None
+        return int(convert.main(argv) or 0)
+    try:
+        parity_main = importlib.import_module("parity.__main__").main
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"`sae parity` is not available in this installation ({e}); "
+                        f"run from a checkout with the parity package") from None
+    return int(parity_main(argv) or 0)
+
+
+def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in ("convert", "parity"):
+            return _delegate(argv[0], argv[1:])
+        parser = build_parser(default_backend)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser", "config_from_args", "resolve_backend"]

@@ -1,0 +1,374 @@
+"""Training end to end, torch backend: a real SmolLM2 run, exact resume, crash safety, Ctrl-C, bad input errors.
+
+Plumbing tests use a tiny random Llama (conftest.tiny_model_dir); the real-run test uses the built-in SmolLM2.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from conftest import PYTHON, REPO  # noqa: E402
+from sae_core.config import SparseCoderConfig  # noqa: E402
+from sae_core.errors import UserError  # noqa: E402
+from sae_core.metrics import read_metrics  # noqa: E402
+from sae_core.training_state import SAVING, read_run_state  # noqa: E402
+from sae_torch import SparseCoder  # noqa: E402
+from sae_torch.trainer import train  # noqa: E402
+
+
+def _weights(run: Path, name: str = "layers.1") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {**load_file(run / name / "sae.safetensors"), **load_file(run / name / "state.safetensors")}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+# ---- exact resume --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["adam", "signum"])
+def test_resume_equals_uninterrupted_run_bitwise(tiny_cfg, tmp_path, optimizer):
+    """Pause after 5 of 12 steps (between two saves), resume: every weight, optimizer moment and firing counter is bitwise equal
+    to the uninterrupted run's. Uses grad/micro accumulation, AuxK with live dead latents, and two hookpoints."""
+    opts = dict(optimizer=optimizer, grad_acc_steps=2, micro_acc_steps=2, dead_feature_threshold=64,
+                hookpoints=["layers.1", "layers.2"], save_every=4, max_tokens=32 * 4 * 2 * 12,
+                sae=SparseCoderConfig(k=8, expansion_factor=4, multi_topk=optimizer == "adam"))
+    full = train(tiny_cfg(run_name="full", **opts), progress=False, plots=False)
+    paused = train(tiny_cfg(run_name="paused", **opts), progress=False, plots=False, stop_after_steps=5)
+    assert paused["interrupted"] and paused["step"] == 5
+    resumed = train(tiny_cfg(run_name="paused", **opts), resume=True, progress=False, plots=False)
+    assert resumed["step"] == full["step"] == 12 and resumed["tokens"] == full["tokens"]
+    runs = tmp_path / "runs"
+    for hook in ("layers.1", "layers.2"):
+        _assert_same(_weights(runs / "full", hook), _weights(runs / "paused", hook))
+    state = read_run_state(runs / "paused")
+    assert state["step"] == 12 and state["batches"] == 24 and state["backend"] == "torch"
+    # the metrics log reads as one run: the same steps, the same FVUs
+    full_log, resumed_log = read_metrics(runs / "full"), read_metrics(runs / "paused")
+    assert [r["step"] for r in full_log] == [r["step"] for r in resumed_log] == [2, 4, 6, 8, 10, 12]
+    same = [r["fvu/layers.1"] for r in full_log if r["step"] != 6]  # step 6's window straddles the pause
+    assert same == [r["fvu/layers.1"] for r in resumed_log if r["step"] != 6]
+    # AuxK ran (dead latents existed) in this configuration
+    assert any(r["auxk/layers.1"] > 0 for r in full_log)
+
+
+def test_resume_rejects_changed_settings(tiny_cfg):
+    train(tiny_cfg(), progress=False, plots=False, stop_after_steps=2)
+    with pytest.raises(UserError, match="cannot resume with different settings.*batch_size"):
+        train(tiny_cfg(batch_size=8), resume=True, progress=False, plots=False)
+    with pytest.raises(UserError, match="already holds a checkpoint.*--resume"):
+        train(tiny_cfg(), progress=False, plots=False)
+
+
+# ---- crash safety ----------------------------------------------------------------------------------------------
+
+def _start_cli(args, env_extra, tmp_path):
+    """Start `sae train ARGS`; a thread collects its stderr lines into proc.lines."""
+    env = {**os.environ, **env_extra}
+    proc = subprocess.Popen([PYTHON, "-m", "sae_core.cli", "train", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.lines = []
+
+    def collect():
+        for line in iter(proc.stderr.readline, ""):
+            proc.lines.append(line)
+    proc.reader = threading.Thread(target=collect, daemon=True)
+    proc.reader.start()
+    return proc
+
+
+def _wait_for(proc, text: str, timeout: float = 180) -> None:
+    """Wait until `text` appears in the process's stderr."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(text in line for line in proc.lines):
+            return
+        if proc.poll() is not None and not proc.reader.is_alive():
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}; stderr:\n{''.join(proc.lines)}")
+
+
+def _tiny_args(tiny_model_dir, tmp_path, run_name, steps=12, extra=()):
+    return ["--model", tiny_model_dir, "--hookpoints", "layers.1", "--ctx_len", 32, "--batch_size", 4,
+            "--max_tokens", 32 * 4 * steps, "--lr", "1e-3", "--k", 8, "--expansion_factor", 4,
+            "--save_dir", tmp_path / "runs", "--run_name", run_name, "--save_every", 2, "--log_every", 2,
+            "--quiet", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_save_leaves_a_resumable_checkpoint(tiny_model_dir, tiny_cfg, tmp_path):
+    """SIGKILL while the step-4 checkpoint is half written: the run folder loads as the complete step-2
+    checkpoint, and resuming it reproduces the uninterrupted run bit for bit."""
+    run = tmp_path / "runs" / "killed"
+    proc = _start_cli(_tiny_args(tiny_model_dir, tmp_path, "killed"), {"SAE_DEBUG_SAVE_DELAY": "4:60:write"},
+                      tmp_path)
+    _wait_for(proc, "debug: pausing")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (run / SAVING / "layers.1" / "sae.safetensors").exists()  # the interrupted write is visible
+    state = read_run_state(run)  # recovers: discards .saving
+    assert state["step"] == 2 and not (run / SAVING).exists()
+    SparseCoder.load_from_disk(run / "layers.1")  # loads and validates
+    resumed = train(tiny_cfg(run_name="killed", save_every=2), resume=True, progress=False, plots=False)
+    assert resumed["step"] == 12
+    train(tiny_cfg(run_name="clean", save_every=2), progress=False, plots=False)
+    _assert_same(_weights(run), _weights(tmp_path / "runs" / "clean"))
+
+
+def test_a_save_cut_short_while_moving_into_place_rolls_forward(tiny_cfg, tmp_path, monkeypatch):
+    """A save that stops after its commit point (.saving renamed to .ready) but before every item has been moved
+    into place (simulated by an exception at the first move): the next read finishes the move."""
+    import sae_core.training_state as ts
+
+    train(tiny_cfg(save_every=2, hookpoints=["layers.1", "layers.2"]), progress=False, plots=False,
+          stop_after_steps=2)
+    run = tmp_path / "runs" / "tiny"
+
+    def crash(stage, step=None):
+        if stage == "publish":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(ts, "debug_pause", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(save_every=2, hookpoints=["layers.1", "layers.2"]), resume=True, progress=False,
+              plots=False, stop_after_steps=4)
+    monkeypatch.undo()
+    assert (run / ".ready").is_dir()  # committed, not yet all moved into place
+    state = read_run_state(run)
+    assert state["step"] == 4 and not (run / ".ready").exists()
+    for hook in ("layers.1", "layers.2"):
+        SparseCoder.load_from_disk(run / hook)
+        assert read_run_state(run)["coders"][hook]["num_latents"] == 128
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_exits_cleanly(tiny_model_dir, tmp_path):
+    run = tmp_path / "runs" / "sigint"
+    proc = _start_cli(_tiny_args(tiny_model_dir, tmp_path, "sigint", steps=100000,
+                                 extra=["--save_every", 1000, "--no-plots"]), {}, tmp_path)
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None, "".join(proc.lines)
+        time.sleep(0.05)  # wait until a few steps have run
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    proc.reader.join(timeout=10)
+    err = "".join(proc.lines)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "Interrupted" in out and "Resume with: sae train --resume" in out
+    state = read_run_state(run)
+    assert state["step"] >= 2
+    SparseCoder.load_from_disk(run / "layers.1")
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+def test_unknown_hookpoint_lists_near_matches(tiny_cfg):
+    with pytest.raises(UserError, match=r"unknown hookpoint 'layers\.1\.mpl'.*did you mean layers\.1\.mlp"):
+        train(tiny_cfg(hookpoints=["layers.1.mpl"]), progress=False, plots=False)
+    with pytest.raises(UserError, match="out of range"):
+        train(tiny_cfg(hookpoints=[], layers=[7]), progress=False, plots=False)
+
+
+def test_missing_model_and_dataset(tiny_cfg, tmp_path):
+    with pytest.raises(UserError, match="model './no/such/model' not found"):
+        train(tiny_cfg(model="./no/such/model"), progress=False, plots=False)
+    with pytest.raises(UserError, match="model 'no-such-org/no-such-model' not found"):
+        train(tiny_cfg(model="no-such-org/no-such-model"), progress=False, plots=False)
+    with pytest.raises(UserError, match="dataset .*missing.txt.* not found"):
+        train(tiny_cfg(dataset=str(tmp_path / "missing.txt")), progress=False, plots=False)
+
+
+def test_nan_activations_stop_without_overwriting_the_checkpoint(tiny_cfg, tmp_path, monkeypatch):
+    """A forward hook injects NaN into layers.1's output from the 4th batch on: the run stops with a message
+    naming the step and hookpoint, and the step-2 checkpoint is left as it was."""
+    import sae_torch.trainer as trainer_module
+
+    real_load = trainer_module.load_model
+    calls = {"n": 0}
+
+    def load_with_nan_hook(*args, **kwargs):
+        model, tokenizer = real_load(*args, **kwargs)
+
+        def inject(module, inputs, output):
+            calls["n"] += 1
+            if calls["n"] > 4:  # the first call measures widths; batches 0-2 stay clean
+                return output.masked_fill(torch.ones_like(output, dtype=torch.bool), float("nan"))
+        model.model.layers[1].register_forward_hook(inject)
+        return model, tokenizer
+
+    monkeypatch.setattr(trainer_module, "load_model", load_with_nan_hook)
+    with pytest.raises(UserError, match=r"non-finite activations \(NaN or Inf\) at step 3, hookpoint 'layers.1'.*"
+                                        r"checkpoint of step 2 is kept"):
+        train(tiny_cfg(save_every=2), progress=False, plots=False)
+    state = read_run_state(tmp_path / "runs" / "tiny")
+    assert state["step"] == 2
+    assert torch.isfinite(_weights(tmp_path / "runs" / "tiny")["W_dec"]).all()
+
+
+def test_nan_in_handed_over_arrays(tiny_cfg):
+    good = np.random.default_rng(0).normal(size=(64, 16)).astype(np.float32)
+    batches = [{"h": good}, {"h": good}, {"h": np.full_like(good, np.nan)}]
+    with pytest.raises(UserError, match="at step 2, hookpoint 'h'"):
+        train(tiny_cfg(max_tokens=None, save_every=1000), batches, progress=False, plots=False)
+
+
+@pytest.mark.slow
+def test_out_of_memory_gives_a_fix(tiny_model_dir, tmp_path):
+    """A real allocation failure: the process's address space is capped (RLIMIT_AS) at its size after start-up
+    plus 1.5 GiB, and the batch needs a 2 GiB pre-activation matrix."""
+    script = (
+        "import resource, sys, torch, transformers\n"
+        "from sae_core.cli import main\n"
+        "torch.ones(8) @ torch.ones(8)\n"  # start the thread pool before the cap
+        "size = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+        "limit = size + 1536 * 2**20\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (limit, limit))\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    args = _tiny_args(tiny_model_dir, tmp_path, "oom", steps=1, extra=["--num_latents", 32768, "--batch_size",
+                                                                      512, "--max_tokens", 32 * 512])
+    proc = subprocess.run([PYTHON, "-c", script, "train", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "out of memory" in lines[0] and "--batch_size" in lines[0]
+    assert "--grad_acc_steps" in lines[0] and "--micro_acc_steps" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# ---- outputs -------------------------------------------------------------------------------------------------
+
+def test_metrics_log_and_plots(tiny_cfg, tmp_path):
+    result = train(tiny_cfg(keep_best=True, save_every=4), progress=False)
+    run = tmp_path / "runs" / "tiny"
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(2, 13, 2))
+    for key in ("tokens", "lr", "tokens_per_s", "fvu/layers.1", "auxk/layers.1", "multi_topk_fvu/layers.1",
+                "dead_pct/layers.1", "l0/layers.1"):
+        assert all(key in r for r in records), key
+    assert records[-1]["tokens"] == result["tokens"]
+    import matplotlib.image
+
+    for name in ("loss.png", "firing_layers.1.png"):
+        image = matplotlib.image.imread(run / "plots" / name)
+        assert image.shape[0] > 100 and image.shape[1] > 100
+    assert (run / "best" / "layers.1" / "sae.safetensors").is_file()
+    assert read_run_state(run)["best_fvu"]["layers.1"] > 0
+    state = _weights(run)
+    assert state["fire_count"].sum() > 0 and state["tokens_since_fired"].dtype == torch.int64
+    assert set(state) >= {"optimizer.encoder.weight.momentum", "optimizer.W_dec.momentum",
+                          "optimizer.b_dec.momentum", "optimizer.encoder.bias.momentum"}
+
+
+def test_train_from_handed_over_arrays_and_transcoder(tiny_cfg, tmp_path):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(16, 24)).astype(np.float32)
+    batches = [(lambda x: {"mlp": (x, x @ w)})(rng.normal(size=(128, 16)).astype(np.float32)) for _ in range(30)]
+    result = train(tiny_cfg(max_tokens=None, lr=3e-3, sae=SparseCoderConfig(k=8, num_latents=64, transcode=True)),
+                   batches, progress=False, plots=False)
+    assert result["step"] == 30
+    sae = SparseCoder.load_from_disk(tmp_path / "runs" / "tiny" / "mlp")
+    assert (sae.d_in, sae.d_out) == (16, 24) and sae.cfg.transcode
+    records = read_metrics(tmp_path / "runs" / "tiny")
+    assert records[-1]["fvu/mlp"] < records[0]["fvu/mlp"]
+
+
+def test_harvest_then_train_from_cache(tiny_cfg, tmp_path):
+    from sae_core.activation_cache import ActivationCache
+    from sae_torch.activations import harvest
+
+    cfg = tiny_cfg(hookpoints=["layers.?"], max_tokens=32 * 40)  # fnmatch: "layers.*" would match sublayers too
+    manifest = harvest(tmp_path / "cache", cfg, shard_tokens=500, progress=False)
+    cache = ActivationCache(tmp_path / "cache")
+    assert cache.hookpoints == ["layers.0", "layers.1", "layers.2"]
+    assert manifest["total_tokens"] == 40 * 31  # BOS excluded
+    assert len(manifest["shards"]) == 3
+    opts = dict(activations=str(tmp_path / "cache"), hookpoints=["layers.2"], max_tokens=32 * 4 * 6)
+    full = train(tiny_cfg(run_name="c1", **opts), progress=False, plots=False)
+    assert full["step"] == 6 and full["tokens"] == 6 * 128
+    train(tiny_cfg(run_name="c2", **opts), progress=False, plots=False, stop_after_steps=3)
+    train(tiny_cfg(run_name="c2", **opts), resume=True, progress=False, plots=False)
+    _assert_same(_weights(tmp_path / "runs" / "c1", "layers.2"), _weights(tmp_path / "runs" / "c2", "layers.2"))
+    assert read_run_state(tmp_path / "runs" / "c1")["data"]["kind"] == "cache"
+
+
+def test_lr_defaults_and_schedule():
+    from sae_core.train_config import TrainConfig
+
+    cfg = TrainConfig()
+    assert cfg.default_lr(2**14) == pytest.approx(5e-3)
+    assert cfg.default_lr(4 * 2**14) == pytest.approx(2.5e-3)
+    adam = TrainConfig(optimizer="adam")
+    assert adam.default_lr(2**14) == pytest.approx(2e-4)
+    assert adam.warmup_steps(50_000) == 1000 and adam.warmup_steps(300) == 30 and cfg.warmup_steps(300) == 0
+    assert TrainConfig(optimizer="adam", lr_warmup_steps=7).warmup_steps(300) == 7
+    lrs = [adam.lr_at(s, 1.0, 10, 110) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert lrs[-1] == pytest.approx(0.01) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert TrainConfig(lr_decay=False).lr_at(100, 1.0, 0, 110) == 1.0
+
+
+def test_optimizers_match_their_formulas():
+    from sae_torch.optim import Adam, Signum
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    grads = [torch.randn(5) for _ in range(3)]
+    p0 = p.detach().clone()
+    opt = Signum({"w": p})
+    m = torch.zeros(5)
+    expected = p0.clone()
+    for t, g in enumerate(grads, 1):
+        p.grad = g.clone()
+        opt.step(0.1, t)
+        m = 0.95 * m + 0.05 * g
+        expected -= 0.1 * torch.sign(m)
+    assert torch.allclose(p.detach(), expected, atol=1e-6)
+
+    q = torch.nn.Parameter(p0.clone())
+    ref = torch.nn.Parameter(p0.clone())
+    ours, theirs = Adam({"w": q}), torch.optim.Adam([ref], lr=0.01)
+    for t, g in enumerate(grads, 1):
+        q.grad, ref.grad = g.clone(), g.clone()
+        ours.step(0.01, t)
+        theirs.step()
+    assert torch.allclose(q.detach(), ref.detach(), atol=1e-6)
+    assert set(ours.state_tensors()) == {"optimizer.w.exp_avg", "optimizer.w.exp_avg_sq"}
+
+
+def test_micro_acc_steps_do_not_change_the_gradient(tiny_cfg, tmp_path):
+    """Chunking a batch renormalises each chunk by the whole batch's variance: same update up to rounding."""
+    x = np.random.default_rng(1).normal(size=(96, 16)).astype(np.float32) * 3 + 1
+    batches = [{"h": x}] * 3
+    train(tiny_cfg(run_name="one", max_tokens=None, optimizer="adam"), batches, progress=False, plots=False)
+    train(tiny_cfg(run_name="three", max_tokens=None, optimizer="adam", micro_acc_steps=3), batches, progress=False, plots=False)
+    a, b = _weights(tmp_path / "runs" / "one", "h"), _weights(tmp_path / "runs" / "three", "h")
+    for key in ("encoder.weight", "W_dec", "b_dec"):
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_b_dec_starts_at_the_mean_of_the_first_batch(tiny_cfg, tmp_path):
+    x = np.random.default_rng(2).normal(size=(64, 16)).astype(np.float32) + 5
+    train(tiny_cfg(max_tokens=None, lr=1e-9), [{"h": x}], progress=False, plots=False)
+    b_dec = _weights(tmp_path / "runs" / "tiny", "h")["b_dec"]
+    assert torch.allclose(b_dec, torch.from_numpy(x.mean(0)), atol=1e-4)
+
