@@ -235,14 +235,14 @@ def test_a_dying_or_stuck_rank_stops_the_others_with_a_clear_error(tmp_path):
 
 
 def test_mlx_launch_cli(tmp_path):
-    """The real launcher: `mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- python -m sae_mlx.distributed
-    train ...` from an activation cache; one checkpoint, by rank 0, at the global step count."""
+    """The real launcher: `mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- python -m sae_mlx train ...`
+    from an activation cache; one checkpoint, by rank 0, at the global step count."""
     from sae_core.training_state import read_run_state
 
     cache = write_cache(tmp_path / "cache")
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher), "--backend", "ring", "-n", "2", "--hosts", "127.0.0.1", "--starting-port",
-           str(free_port()), "--", sys.executable, "-m", "sae_mlx.distributed", "train", "--activations", str(cache),
+           str(free_port()), "--", sys.executable, "-m", "sae_mlx", "train", "--activations", str(cache),
            "--batch_size", "2", "--ctx_len", "48", "--max_tokens", str(4 * ROWS), "--k", "4", "--expansion_factor",
            "4", "--save_dir", str(tmp_path / "runs"), "--run_name", "cli", "--quiet", "--no-lr_decay"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "SAE_DIST_TIMEOUT": "60"}
