@@ -233,7 +233,8 @@ class DistributedTrainer(Trainer):
         if self.modules:
             return super()._optimizer_step(c, lr, step_tokens)
         if self._tokens_step != self.step:  # once per step: the global token count of the step
-            t = all_reduce_(torch.tensor([step_tokens], dtype=torch.int64), "the token-count all-reduce")
+            t = all_reduce_(torch.tensor([step_tokens], dtype=torch.int64, device=self.device),
+                            "the token-count all-reduce")
             self._global_tokens, self._tokens_step = int(t), self.step
             self.tokens += self._global_tokens - step_tokens  # fit adds this rank's step_tokens after the step
         params = [p for p in c.sae.parameters() if p.grad is not None]
@@ -263,7 +264,7 @@ class DistributedTrainer(Trainer):
             return merged
         keys = ("fvu", "auxk", "multi_topk_fvu", "l0")
         for c in self.coders.values():
-            v = torch.tensor([c.sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+            v = torch.tensor([c.sums.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.device)
             all_reduce_(v, "the metrics all-reduce")
             c.sums.update({k: float(x) for k, x in zip(keys, v)})
         return super()._log_record(lr_scale, tokens_per_s * self.world, elapsed)
