@@ -26,13 +26,12 @@ Differences forced by MLX (everything else is the torch trainer's, including the
   consumes (torch accumulates into `.grad`). A batch's work is evaluated (`mx.eval`) at the end of each batch,
   where torch's eager execution would have computed it anyway; the loss's finiteness is checked there (torch checks
   each chunk before its backward; either way the run stops with the same error and nothing is saved).
-* Compilation (`SAE_MLX_COMPILE`, see `compile_mode`): by default the optimizer update (decoder-gradient
-  projection, Signum/Adam, renormalisation) is `mx.compile`d with `inputs/outputs = [coder.state, opt.state]`
-  (measured faster here); the forward+backward stays eager (measured no faster compiled on Linux CPU). With
-  `SAE_MLX_COMPILE=all` each chunk's forward+backward is compiled too: the dead_mask is an input of the compiled
-  function, so one graph serves every number of dead latents (the coder's fixed-size AuxK, see
-  sae_mlx.sparse_coder), and steps where no latent is dead use a second graph without AuxK. Every mode computes
-  the eager path's math (`SAE_MLX_COMPILE=0`), which mirrors torch operation for operation.
+* Compilation (`SAE_MLX_COMPILE`, see `compile_mode`): off by default (measured no faster on Linux CPU).
+  `update` compiles the optimizer update (decoder-gradient projection, Signum/Adam, renormalisation) with
+  `inputs/outputs = [coder.state, opt.state]`; `all` compiles each chunk's forward+backward too: the dead_mask is
+  an input of the compiled function, so one graph serves every number of dead latents (the coder's fixed-size
+  AuxK, see sae_mlx.sparse_coder), and steps where no latent is dead use a second graph without AuxK. Every mode
+  computes the eager path's math, which mirrors torch operation for operation.
 * Activations: an mlx-lm model, or a torch model (transformers) whose activations are converted to MLX, an
   activation cache, or arrays (sae_mlx.activations; `model_runner` picks the language-model runner).
 * `device`: auto (MLX's default device: the GPU on Apple silicon), cpu, gpu.
@@ -73,17 +72,18 @@ COMPILE_MODES = ("off", "update", "all")
 
 
 def compile_mode(compiled: bool | str | None = None) -> str:
-    """What is `mx.compile`d: "off" (nothing), "update" (the optimizer update with the decoder projection and
-    renormalisation; the default), "all" (also each chunk's forward+backward). `compiled`: True = "all", False =
-    "off", a mode name, or None = $SAE_MLX_COMPILE (0/1 or a mode name), else "update".
+    """What is `mx.compile`d: "off" (nothing; the default), "update" (the optimizer update with the decoder
+    projection and renormalisation), "all" (also each chunk's forward+backward). `compiled`: True = "all",
+    False = "off", a mode name, or None = $SAE_MLX_COMPILE (0/1 or a mode name), else "off".
 
-    Measured on Linux x86-64 CPU (MLX 0.32.4, 2 cores; d_in 64-576, M 1k-8k, k 16-32): the compiled update is
-    1.3-2x faster than the eager one from M ~ 1k up; the compiled forward+backward is no faster than the eager
-    one, and 15-55% slower when a few latents are dead (its fixed-size AuxK takes d_out // 2 slots where the
-    eager one takes num_dead). So the forward+backward stays eager by default; on Apple silicon, where fusing
-    matters more, measure `SAE_MLX_COMPILE=all`."""
+    Measured on Linux x86-64 CPU (MLX 0.32.4, 2 busy cores; d_in 64-576, M 1k-8k, k 16-32, 256-1024 tokens):
+    the compiled forward+backward is no faster than the eager one, and up to 2.4x slower when a few latents are
+    dead (its fixed-size AuxK takes d_out // 2 slots where the eager one takes num_dead); the compiled update is
+    1.2x faster than the eager one for Adam but 2x slower for signum, and either way 1-2% of a step. So nothing is
+    compiled by default here. Every mode computes the same run (tests/test_train_mlx.py); on Apple silicon,
+    where fusing matters more, measure `SAE_MLX_COMPILE=update` and `=all`."""
     if compiled is None:
-        compiled = os.environ.get("SAE_MLX_COMPILE", "") or "update"
+        compiled = os.environ.get("SAE_MLX_COMPILE", "") or "off"
     if compiled is True or compiled == "1":
         return "all"
     if compiled is False or compiled == "0":
@@ -121,7 +121,7 @@ class StepFunctions:
     which each latent fired. `update(grads, lr, t)` projects the decoder gradient (normalize_decoder), steps the
     optimizer and renormalises the decoder rows."""
 
-    def __init__(self, sae: SparseCoder, opt: Optimizer, auxk_alpha: float, mode: str = "update"):
+    def __init__(self, sae: SparseCoder, opt: Optimizer, auxk_alpha: float, mode: str = "off"):
         self.sae, self.opt, self.mode = sae, opt, compile_mode(mode)
         num_latents = sae.num_latents
 
