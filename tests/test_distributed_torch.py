@@ -250,13 +250,13 @@ def test_a_dying_rank_stops_the_others_with_a_clear_error(runs):
 
 
 def test_torchrun_cli_distribute_modules(tmp_path):
-    """The real launcher: `torchrun --standalone --nproc_per_node=2 -m sae_torch.distributed train ...` from an
+    """The real launcher: `torchrun --standalone --nproc_per_node=2 -m sae_torch train ...` from an
     activation cache, one hookpoint per rank; one summary, one checkpoint holding both coders."""
     from sae_core.training_state import read_run_state
 
     cache = write_cache(tmp_path / "cache", hooks=HOOKS[:2])
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sae_torch.distributed", "train",
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "sae_torch", "train",
            "--activations", str(cache), "--batch_size", "2", "--ctx_len", "48", "--max_tokens", str(4 * ROWS),
            "--k", "4", "--expansion_factor", "4", "--save_dir", str(tmp_path / "runs"), "--run_name", "cli",
            "--distribute_modules", "--quiet", "--no-lr_decay"]
