@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -152,9 +153,9 @@ class SparseCoder(nn.Module):
 
     def aux_indices(self, pre_acts: mx.array, dead_mask: mx.array) -> mx.array:
         """The AuxK latents: the k_aux largest pre-activations among the dead latents (reads num_dead: eager only)."""
-        k_aux = min(self.d_out // 2, int(dead_mask.sum()))
-        dead_only = mx.where(dead_mask, pre_acts, -mx.inf)
-        return _topk_indices(dead_only, k_aux)
+        dead = mx.array(np.flatnonzero(np.array(dead_mask)).astype(np.int32))  # the top-k runs on dead columns only
+        k_aux = min(self.d_out // 2, dead.size)
+        return dead[_topk_indices(pre_acts[:, dead], k_aux)]
 
     def _fixed_aux_indices(self, pre_acts: mx.array, dead_mask: mx.array) -> mx.array:
         """AuxK with a fixed number of slots, min(d_out // 2, M), for `mx.compile`: slots on live latents (if

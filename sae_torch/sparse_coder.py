@@ -80,10 +80,11 @@ class SparseCoder(nn.Module):
         return pre_acts.topk(self.cfg.k, dim=-1, sorted=False).indices
 
     def aux_indices(self, pre_acts: Tensor, dead_mask: Tensor) -> Tensor:
-        """The AuxK latents: the k_aux largest pre-activations among the dead latents."""
-        k_aux = min(self.d_out // 2, int(dead_mask.sum()))
-        dead_only = torch.where(dead_mask, pre_acts, -torch.inf)
-        return dead_only.topk(k_aux, dim=-1, sorted=False).indices
+        """The AuxK latents: the k_aux largest pre-activations among the dead latents (a top-k over the dead
+        columns only, so no second dense [N, M] tensor when few latents are dead)."""
+        dead = dead_mask.nonzero().squeeze(-1)
+        k_aux = min(self.d_out // 2, len(dead))
+        return dead[pre_acts.index_select(-1, dead).topk(k_aux, dim=-1, sorted=False).indices]
 
     def multi_topk_indices(self, pre_acts: Tensor) -> Tensor:
         return pre_acts.topk(min(4 * self.cfg.k, self.num_latents), dim=-1, sorted=False).indices
@@ -109,7 +110,7 @@ class SparseCoder(nn.Module):
 
     def pre_acts(self, x_in: Tensor) -> Tensor:
         with torch.no_grad():
-            return F.relu(F.linear(x_in, self.encoder.weight, self.encoder.bias))
+            return F.linear(x_in, self.encoder.weight, self.encoder.bias).relu_()  # in place: one [N, M] tensor
 
     def encode(self, x: Tensor) -> EncoderOutput:
         x_in = self.encoder_input(x)
