@@ -347,6 +347,17 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
             for i in (0, 1):
                 assert np.array_equal(np.array(got[hook][i]), np.array(ref[hook][i])), hook
 
+    # harvest with either runner: the same tokens and (to rounding) the same activations
+    from sae_core.activation_cache import ActivationCache
+
+    harvest_cfg = tiny_cfg(hookpoints=["layers.2.mlp"], sae=SparseCoderConfig(transcode=True), max_tokens=32 * 6)
+    for runner in ("mlx-lm", "torch"):
+        with torch_threads(1):
+            ma.harvest(tmp_path / runner, harvest_cfg, progress=False, model_runner=runner)
+    m_batch, t_batch = (next(ActivationCache(tmp_path / r).batches(64, 0)) for r in ("mlx-lm", "torch"))
+    for got, ref in zip(m_batch["layers.2.mlp"], t_batch["layers.2.mlp"]):
+        np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max())
+
     with torch_threads(1):
         train(tiny_cfg(run_name="a"), progress=False, plots=False, stop_after_steps=3, model_runner="mlx-lm")
         state = read_run_state(tmp_path / "runs" / "a")
