@@ -17,10 +17,12 @@ import argparse
 import ast
 import importlib
 import inspect
+import os
 import platform
 import sys
 import typing
 from dataclasses import fields
+from pathlib import Path
 
 from .config import ACTIVATIONS, SparseCoderConfig
 from .errors import UserError
@@ -166,8 +168,9 @@ def _cmd_train(args) -> int:
     from .metrics import print_summary
 
     cfg, given = config_from_args(args)
-    trainer = backend_module(resolve_backend(args.backend), "trainer")
     resume = args.resume if args.resume not in (None, False) else False
+    _precheck(cfg, resume)
+    trainer = backend_module(resolve_backend(args.backend), "trainer")
     result = trainer.train(cfg, resume=resume, explicit=given, overwrite=args.overwrite,
                            progress=not args.quiet, plots=args.plots)
     print_summary(result)
@@ -177,8 +180,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _precheck(cfg: TrainConfig, resume) -> None:
+    """Mistakes found without a backend (so before torch or mlx is even imported)."""
+    from .data import check_dataset
+    from .training_state import has_checkpoint
+
+    if isinstance(resume, str):
+        if not has_checkpoint(Path(resume).expanduser()):
+            raise UserError(f"nothing to resume: {resume} holds no checkpoint")
+        return  # the checkpoint's config applies; flags are checked against it
+    cfg.validate()
+    if cfg.activations is None:
+        check_dataset(cfg.dataset)
+        if cfg.model.startswith((".", "/", "~")) and not Path(cfg.model).expanduser().exists():
+            raise UserError(f"model {cfg.model!r} not found: no such folder")
+
+
 def _cmd_eval(args) -> int:
     from .metrics import print_eval
+
+    if not Path(args.run).expanduser().exists():
+        raise UserError(f"run folder {args.run} not found")
 
     evaluator = backend_module(resolve_backend(args.backend), "eval")
     report = evaluator.evaluate(args.run, model=args.model, dataset=args.dataset, split=args.split,
@@ -192,6 +214,7 @@ def _cmd_harvest(args) -> int:
     cfg, _ = config_from_args(args)
     if "max_tokens" not in vars(args):
         cfg.max_tokens = None  # harvest: one pass over the split unless told otherwise
+    _precheck(cfg, False)
     acts = backend_module(resolve_backend(args.backend), "activations")
     manifest = acts.harvest(args.out, cfg, save_dtype=args.save_dtype, shard_tokens=args.shard_tokens,
                             overwrite=args.overwrite, progress=not args.quiet)
@@ -289,6 +312,7 @@ def _delegate(command: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch's first matmul: see sae_torch/trainer.py
     try:
         if argv and argv[0] in ("convert", "parity"):
             return _delegate(argv[0], argv[1:])

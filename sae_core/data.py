@@ -50,6 +50,15 @@ class Documents:
 # Loading documents
 # ---------------------------------------------------------------------------------------------------------------
 
+def check_dataset(dataset: str) -> None:
+    """Fail fast (before a model is loaded) on a built-in name or local path that does not exist."""
+    if dataset.startswith("builtin:") and dataset not in BUILTIN_DATASETS:
+        raise UserError(f"unknown built-in dataset {dataset!r}; built-in: {', '.join(BUILTIN_DATASETS)}")
+    looks_local = dataset.startswith((".", "/", "~")) or dataset.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES)
+    if looks_local and not Path(dataset).expanduser().exists():
+        raise UserError(f"dataset {dataset!r} not found: no such file or folder")
+
+
 def load_documents(dataset: str, split: str = "train", text_column: str = "text") -> Documents:
     if dataset == BUILTIN_DATASET:
         import pydoc_data.topics

@@ -36,7 +36,7 @@ import numpy as np
 from sae_core.activation_cache import ActivationCache
 from sae_core.data import BatchOrder, exclude_mask, fingerprint
 from sae_core.errors import UserError
-from sae_core.train_config import BUILTIN_MODEL
+from sae_core.train_config import BUILTIN_MODEL, default_layer
 
 MODEL_RUNNERS = ("auto", "mlx-lm", "torch")
 
@@ -239,7 +239,7 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str], layers: list[int] 
         patterns = [f"{prefix}.{i}" for i in layers]
     elif not patterns:
         prefix = layer_list_name(model)
-        patterns = [f"{prefix}.{len(base[prefix]) // 2}"]
+        patterns = [f"{prefix}.{default_layer(len(base[prefix]))}"]
     found: list[str] = []
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]

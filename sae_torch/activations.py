@@ -31,9 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from sae_core.activation_cache import ActivationCache
-from sae_core.data import exclude_mask, fingerprint, token_batches
+from sae_core.data import BatchOrder, exclude_mask, fingerprint
 from sae_core.errors import UserError
-from sae_core.train_config import BUILTIN_MODEL, cache_dir
+from sae_core.train_config import BUILTIN_MODEL, cache_dir, default_layer
 
 BUILTIN_FOLDER = "smollm2-135m-instruct"
 
@@ -161,7 +161,7 @@ def layer_list_name(model: nn.Module) -> str:
 
 def resolve_hookpoints(model: nn.Module, patterns: list[str], layers: list[int] | None = None,
                        layer_stride: int = 1) -> list[str]:
-    """Module names matching `patterns` (fnmatch) or `layers` (indices); default: the middle layer."""
+    """Module names matching `patterns` (fnmatch) or `layers` (indices); default: train_config.default_layer."""
     names = [name for name, _ in model.base_model.named_modules() if name]
     if layers:
         prefix = layer_list_name(model)
@@ -172,7 +172,7 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str], layers: list[int] 
         patterns = [f"{prefix}.{i}" for i in layers]
     elif not patterns:
         prefix = layer_list_name(model)
-        patterns = [f"{prefix}.{len(model.base_model.get_submodule(prefix)) // 2}"]
+        patterns = [f"{prefix}.{default_layer(len(model.base_model.get_submodule(prefix)))}"]
     found: list[str] = []
     for pattern in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
@@ -247,12 +247,18 @@ def model_widths(model: nn.Module, hookpoints: list[str], transcode: bool) -> di
 
 
 class ModelActivationSource:
-    """Activations of a language model on token chunks, batch_size sequences per batch, in data.py's order."""
+    """Activations of a language model on token chunks, batch_size sequences per batch, in data.py's order.
+
+    Chunks seen again in a later epoch are not run through the model twice: each chunk's activations are kept
+    (up to memo_bytes in all, default 1 GiB) and reused. Outputs per sequence do not depend on the other
+    sequences of a batch, so reuse gives the same bits as recomputing (tests check this); a resumed run, which
+    starts with an empty memo, therefore trains on identical data.
+    """
 
     kind = "model"
 
     def __init__(self, model: nn.Module, hookpoints: list[str], chunks: np.ndarray, batch_size: int, seed: int,
-                 transcode: bool, exclude_tokens: list[int]):
+                 transcode: bool, exclude_tokens: list[int], memo_bytes: int = 2**30):
         self.model, self.hookpoints, self.chunks = model, hookpoints, chunks
         self.batch_size, self.seed, self.transcode = batch_size, seed, transcode
         self.exclude_tokens = list(exclude_tokens)
@@ -262,10 +268,42 @@ class ModelActivationSource:
         self.batches_per_epoch = len(chunks) // batch_size
         self.data_info = {"kind": self.kind, "fingerprint": fingerprint(chunks), "num_chunks": int(len(chunks)),
                           "tokens_per_batch": self.tokens_per_batch}
+        self.memo: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
+        self.memo_left = memo_bytes
 
     def batches(self, start: int = 0) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-        for tokens in token_batches(self.chunks, self.batch_size, self.seed, start):
-            yield self.activations(tokens)
+        order = BatchOrder(len(self.chunks), self.batch_size, self.seed)
+        position = start
+        while True:
+            index = [int(i) for i in order.indices(position)]
+            if all(i in self.memo for i in index):
+                yield {h: self._concat([self.memo[i][h] for i in index]) for h in self.hookpoints}
+            else:
+                tokens = self.chunks[index]
+                acts = self.activations(tokens)
+                self._remember(index, tokens, acts)
+                yield acts
+            position += 1
+
+    @staticmethod
+    def _concat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        x = torch.cat([p[0] for p in parts])
+        return x, (x if parts[0][1] is parts[0][0] else torch.cat([p[1] for p in parts]))
+
+    def _remember(self, index: list[int], tokens: np.ndarray, acts: dict[str, tuple[Tensor, Tensor]]) -> None:
+        counts = exclude_mask(tokens, self.exclude_tokens).sum(1).tolist()
+        size = sum(x.numel() * x.element_size() + (0 if y is x else y.numel() * y.element_size())
+                   for x, y in acts.values())
+        if size > self.memo_left:
+            return
+        self.memo_left -= size
+        split = {h: (x.split(counts), None if y is x else y.split(counts)) for h, (x, y) in acts.items()}
+        for n, i in enumerate(index):
+            entry = {}
+            for h, (xs, ys) in split.items():
+                x = xs[n].clone()
+                entry[h] = (x, x if ys is None else ys[n].clone())
+            self.memo.setdefault(i, entry)
 
     def activations(self, tokens: np.ndarray) -> dict[str, tuple[Tensor, Tensor]]:
         mask = torch.from_numpy(exclude_mask(tokens, self.exclude_tokens).reshape(-1)).to(self.device)

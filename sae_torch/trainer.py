@@ -20,6 +20,7 @@ steps in the layout of sae_core.training_state, so `resume` continues bit for bi
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -27,11 +28,17 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import Tensor
+# Bitwise-reproducible CPU math: MKL otherwise picks code paths by memory alignment, and a resumed run (whose buffers
+# are allocated differently) drifts from the uninterrupted one in the last bits. Read by MKL at its first call, so
+# this must run before any CPU matmul of the process (sae_core.cli and the tests set it earlier); a user's own
+# setting is kept. Measured cost: an SAE step (N=1024, M=18432) 0.42 s -> 0.45 s.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-from sae_core.data import default_exclude_tokens, load_token_chunks
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from sae_core.data import check_dataset, default_exclude_tokens, load_token_chunks
 from sae_core.errors import UserError
 from sae_core.metrics import MetricsLog, coder_stats, plot_run
 from sae_core.train_config import TrainConfig, incompatible_changes
@@ -392,6 +399,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
         source = CacheActivationSource(cfg.activations, cfg.batch_size * cfg.ctx_len, cfg.seed, device,
                                        cfg.hookpoints or None)
     if source is None:
+        check_dataset(cfg.dataset)  # before the (slow) model load
         model, tokenizer = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
         hookpoints = resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
     else:

@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pytest -n 2 on 2 cores: one thread per worker. Tiny models' many small ops otherwise wait on a descheduled
 # second thread (49 ms per tiny matmul was measured under load).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# MKL's strict reproducibility mode, before any test does a matmul (see sae_torch/trainer.py): resume is bitwise.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable

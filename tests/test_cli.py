@@ -51,19 +51,21 @@ def test_flag_validation_errors():
     assert bad.returncode == 2 and "invalid choice" in bad.stderr  # argparse's own usage error
 
 
-@pytest.mark.slow
-def test_bad_input_errors_are_one_line(tiny_model_dir, tmp_path):
-    common = ["--model", tiny_model_dir, "--save_dir", tmp_path, "--quiet"]
-    line = _one_error_line(run_cli("train", *common, "--hookpoints", "layers.1.mpl"))
-    assert "unknown hookpoint 'layers.1.mpl'" in line and "layers.1.mlp" in line
+def test_bad_input_found_before_any_backend_is_imported(tmp_path):
     line = _one_error_line(run_cli("train", "--model", tmp_path / "no-model", "--save_dir", tmp_path))
-    assert "not found" in line
-    line = _one_error_line(run_cli("train", *common, "--dataset", tmp_path / "missing.jsonl"))
+    assert "model" in line and "not found" in line
+    line = _one_error_line(run_cli("train", "--dataset", tmp_path / "missing.jsonl"))
     assert "dataset" in line and "not found" in line
-    line = _one_error_line(run_cli("eval", tmp_path / "no-run"))
-    assert "not found" in line
-    line = _one_error_line(run_cli("train", *common, "--resume", tmp_path / "no-run"))
-    assert "nothing to resume" in line
+    assert "not found" in _one_error_line(run_cli("eval", tmp_path / "no-run"))
+    assert "nothing to resume" in _one_error_line(run_cli("train", "--resume", tmp_path / "no-run"))
+    assert "unknown built-in dataset" in _one_error_line(run_cli("harvest", tmp_path / "c", "--dataset", "builtin:x"))
+
+
+@pytest.mark.slow
+def test_unknown_hookpoint_is_one_line_with_near_matches(tiny_model_dir, tmp_path):
+    line = _one_error_line(run_cli("train", "--model", tiny_model_dir, "--save_dir", tmp_path, "--quiet",
+                                   "--hookpoints", "layers.1.mpl"))
+    assert "unknown hookpoint 'layers.1.mpl'" in line and "did you mean layers.1.mlp" in line
 
 
 def test_mlx_backend_is_a_clear_error_until_it_exists():

@@ -26,7 +26,7 @@ def test_smollm2_run_fvu_falls_and_eval_is_sane(tmp_path, smollm2_path):
                       save_dir=str(tmp_path), run_name="smol", log_every=5)
     result = train(cfg, progress=False, plots=False)
     fvus = [r["fvu/layers.3"] for r in read_metrics(tmp_path / "smol")]
-    assert len(fvus) == 8 and fvus[-1] < 0.6 * fvus[0], fvus
+    assert len(fvus) == 8 and fvus[-1] < 0.7 * fvus[0] and fvus == sorted(fvus, reverse=True), fvus
     assert result["coders"]["layers.3"]["fvu"] == pytest.approx(fvus[-1])
     report = evaluate(tmp_path / "smol", max_tokens=1024, batch_size=8, progress=False)
     r = report["coders"]["layers.3"]

@@ -42,11 +42,24 @@ def _assert_same(a: dict, b: dict) -> None:
 
 # ---- exact resume --------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def small_text(tmp_path):
+    """About 1,100 tokens: 31 training chunks of 32, so a dozen steps of 2 x 4 sequences span 3 epochs."""
+    import pydoc_data.topics
+
+    path = tmp_path / "small.txt"
+    path.write_text(pydoc_data.topics.topics["assert"] + pydoc_data.topics.topics["assignment"][:3500])
+    return str(path)
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "signum"])
-def test_resume_equals_uninterrupted_run_bitwise(tiny_cfg, tmp_path, optimizer):
-    """Pause after 5 of 12 steps (between two saves), resume: every weight, optimizer moment and firing counter is bitwise equal
-    to the uninterrupted run's. Uses grad/micro accumulation, AuxK with live dead latents, and two hookpoints."""
+def test_resume_equals_uninterrupted_run_bitwise(tiny_cfg, tmp_path, optimizer, small_text):
+    """Pause after 5 of 12 steps (between two saves), resume: every weight, optimizer moment and firing counter
+    is bitwise equal to the uninterrupted run's. Uses grad/micro accumulation, AuxK with live dead latents, two
+    hookpoints, and data seen over several epochs (later epochs reuse memoised activations; the resumed run
+    recomputes them)."""
     opts = dict(optimizer=optimizer, grad_acc_steps=2, micro_acc_steps=2, dead_feature_threshold=64,
+                dataset=small_text,
                 hookpoints=["layers.1", "layers.2"], save_every=4, max_tokens=32 * 4 * 2 * 12,
                 sae=SparseCoderConfig(k=8, expansion_factor=4, multi_topk=optimizer == "adam"))
     full = train(tiny_cfg(run_name="full", **opts), progress=False, plots=False)
@@ -66,6 +79,24 @@ def test_resume_equals_uninterrupted_run_bitwise(tiny_cfg, tmp_path, optimizer):
     assert same == [r["fvu/layers.1"] for r in resumed_log if r["step"] != 6]
     # AuxK ran (dead latents existed) in this configuration
     assert any(r["auxk/layers.1"] > 0 for r in full_log)
+
+
+def test_memoised_activations_equal_recomputed_ones(tiny_cfg, small_text):
+    from sae_core.data import load_token_chunks
+    from sae_torch.activations import ModelActivationSource, load_model
+
+    model, tokenizer = load_model(tiny_cfg().model, torch.device("cpu"))
+    chunks = load_token_chunks(small_text, "train", tokenizer, 32)
+    source = ModelActivationSource(model, ["layers.1", "layers.2"], chunks, 4, 0, False, [tokenizer.bos_token_id])
+    per_epoch = source.batches_per_epoch
+    memoised = list(zip(range(3 * per_epoch), source.batches()))
+    assert per_epoch * 4 < len(source.memo) <= len(chunks)  # each chunk stored once (epochs drop different tails)
+    fresh = ModelActivationSource(model, ["layers.1", "layers.2"], chunks, 4, 0, False, [tokenizer.bos_token_id],
+                                  memo_bytes=0)
+    for (_, a), (_, b) in zip(memoised, zip(range(3 * per_epoch), fresh.batches())):
+        for hook in a:
+            assert torch.equal(a[hook][0], b[hook][0])
+    assert not fresh.memo
 
 
 def test_resume_rejects_changed_settings(tiny_cfg):
@@ -314,9 +345,12 @@ def test_harvest_then_train_from_cache(tiny_cfg, tmp_path):
 def test_lr_defaults_and_schedule():
     from sae_core.train_config import TrainConfig
 
-    cfg = TrainConfig()
+    cfg = TrainConfig(batch_size=32, ctx_len=2048)  # sparsify's step: SPEC's values
     assert cfg.default_lr(2**14) == pytest.approx(5e-3)
     assert cfg.default_lr(4 * 2**14) == pytest.approx(2.5e-3)
+    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: scaled by (1/64)^(1/3) = 1/4
+    assert small.default_lr(2**14) == pytest.approx(1.25e-3)
+    assert TrainConfig(batch_size=2, ctx_len=256, grad_acc_steps=2).default_lr(2**14) == pytest.approx(1.25e-3)
     adam = TrainConfig(optimizer="adam")
     assert adam.default_lr(2**14) == pytest.approx(2e-4)
     assert adam.warmup_steps(50_000) == 1000 and adam.warmup_steps(300) == 30 and cfg.warmup_steps(300) == 0
