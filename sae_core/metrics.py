@@ -117,7 +117,7 @@ def plot_run(run: Path, fire_counts: dict[str, np.ndarray], tokens: int) -> list
         bottom.grid(True, alpha=0.3)
         bottom.legend(fontsize=7)
         fig.suptitle(run.name)
-        fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.08, hspace=0.08)
+        fig.subplots_adjust(left=0.12, right=0.97, top=0.93, bottom=0.08, hspace=0.08)
         path = out_dir / "loss.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)

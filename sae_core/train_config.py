@@ -23,10 +23,10 @@ SPARSIFY_STEP_TOKENS = 32 * 2048  # sparsify's default batch: 32 sequences of 20
 
 
 def default_layer(num_layers: int) -> int:
-    """The layer whose output (residual stream) is trained when no hookpoint is given: a quarter of the way in
-    (layers.7 of SmolLM2's 30). Cheap to reach on a CPU (the forward stops there), and before the middle layers,
+    """The layer whose output (residual stream) is trained when no hookpoint is given: about a quarter of the way
+    in, (num_layers + 1) // 4 (layers.7 of SmolLM2's 30, layers.3 of GPT-2's 12). Cheap to reach on a CPU (the forward stops there), and before the middle layers,
     where a few tokens carry massive activations (SmolLM2 layers.15: 8 of 100k tokens hold 30% of the variance)."""
-    return num_layers // 4
+    return (num_layers + 1) // 4
 
 
 def cache_dir() -> Path:
@@ -61,7 +61,7 @@ class TrainConfig:
     """Tokens per sequence (chunk)."""
     exclude_tokens: list[int] | None = None
     """Token ids whose activations are not trained on. Default: the BOS token that starts every chunk."""
-    max_tokens: int | None = 400_000
+    max_tokens: int | None = 300_000
     """Stop after this many tokens (counted as batch_size * ctx_len per batch); none: one pass over the data."""
 
     # ---- optimisation ----

@@ -326,11 +326,13 @@ class CacheActivationSource:
     def __init__(self, folder: str | Path, batch_tokens: int, seed: int, device: torch.device,
                  hookpoints: list[str] | None = None):
         self.cache = ActivationCache(folder)
-        self.hookpoints = hookpoints or self.cache.hookpoints
-        missing = [h for h in self.hookpoints if h not in self.cache.widths]
-        if missing:
-            raise UserError(f"the activation cache {folder} has no hookpoint(s) {', '.join(missing)}; "
-                            f"it has {', '.join(self.cache.hookpoints)}")
+        self.hookpoints = list(self.cache.hookpoints)
+        if hookpoints:  # fnmatch patterns, as for a model
+            missing = [p for p in hookpoints if not any(fnmatch.fnmatchcase(h, p) for h in self.cache.hookpoints)]
+            if missing:
+                raise UserError(f"the activation cache {folder} has no hookpoint matching "
+                                f"{', '.join(map(repr, missing))}; it has {', '.join(self.cache.hookpoints)}")
+            self.hookpoints = [h for h in self.cache.hookpoints if any(fnmatch.fnmatchcase(h, p) for p in hookpoints)]
         self.transcode = self.cache.transcode
         self.widths = {h: self.cache.widths[h] for h in self.hookpoints}
         self.batch_tokens, self.seed, self.device = batch_tokens, seed, device

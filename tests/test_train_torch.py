@@ -323,6 +323,17 @@ def test_train_from_handed_over_arrays_and_transcoder(tiny_cfg, tmp_path):
     assert records[-1]["fvu/mlp"] < records[0]["fvu/mlp"]
 
 
+def test_several_init_seeds_train_one_coder_each(tiny_cfg, tmp_path):
+    x = np.random.default_rng(3).normal(size=(64, 16)).astype(np.float32)
+    result = train(tiny_cfg(max_tokens=None, init_seeds=[0, 1]), [{"h": x}] * 3, progress=False, plots=False)
+    assert set(result["coders"]) == {"h/seed0", "h/seed1"}
+    run = tmp_path / "runs" / "tiny"
+    a, b = SparseCoder.load_from_disk(run / "h" / "seed0"), SparseCoder.load_from_disk(run / "h" / "seed1")
+    assert not torch.equal(a.encoder.weight, b.encoder.weight)
+    assert read_run_state(run)["coders"]["h/seed1"] == {"hookpoint": "h", "seed": 1, "d_in": 16, "d_out": 16,
+                                                          "num_latents": 64}
+
+
 def test_harvest_then_train_from_cache(tiny_cfg, tmp_path):
     from sae_core.activation_cache import ActivationCache
     from sae_torch.activations import harvest
@@ -333,6 +344,8 @@ def test_harvest_then_train_from_cache(tiny_cfg, tmp_path):
     assert cache.hookpoints == ["layers.0", "layers.1", "layers.2"]
     assert manifest["total_tokens"] == 40 * 31  # BOS excluded
     assert len(manifest["shards"]) == 3
+    with pytest.raises(UserError, match="no hookpoint matching 'layers.9'"):
+        train(tiny_cfg(activations=str(tmp_path / "cache"), hookpoints=["layers.9"]), progress=False)
     opts = dict(activations=str(tmp_path / "cache"), hookpoints=["layers.2"], max_tokens=32 * 4 * 6)
     full = train(tiny_cfg(run_name="c1", **opts), progress=False, plots=False)
     assert full["step"] == 6 and full["tokens"] == 6 * 128
