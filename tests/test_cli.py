@@ -68,13 +68,6 @@ def test_unknown_hookpoint_is_one_line_with_near_matches(tiny_model_dir, tmp_pat
     assert "unknown hookpoint 'layers.1.mpl'" in line and "did you mean layers.1.mlp" in line
 
 
-def test_mlx_backend_is_a_clear_error_until_it_exists():
-    if importlib.util.find_spec("sae_mlx.trainer") is not None:
-        pytest.skip("the MLX trainer exists")
-    line = _one_error_line(run_cli("train", "--backend", "mlx"))
-    assert "mlx backend has no trainer" in line
-
-
 @pytest.mark.slow
 def test_harvest_then_train_from_the_cache_via_the_cli(tiny_model_dir, tmp_path):
     cache = tmp_path / "acts"
