@@ -48,14 +48,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import load_safetensors_numpy, save_safetensors_numpy, write_text_atomic
 from .errors import CheckpointError, UserError
+from .train_config import TrainConfig, incompatible_changes
 
 FORMAT = "sae-twins/train-state"
 VERSION = 1
@@ -286,3 +290,59 @@ def find_coder_dirs(run: Path) -> dict[str, Path]:
         if rel.parts and rel.parts[0] not in RESERVED and not rel.parts[0].startswith("."):
             out["/".join(rel.parts)] = cfg.parent
     return out
+
+
+# ---- resume and Ctrl-C handling, the same for both trainers ----
+
+class SigintFlag:
+    """Within the block, the first Ctrl-C only sets `raised` (the loop saves and stops after the current step);
+    a second one interrupts at once (the checkpoint on disk stays intact: saves are atomic)."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+        print("\nInterrupted: finishing this step, then saving (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def merge_resume_config(saved_state: dict, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
+    """The config a resumed run continues with; refuses settings that would change the data order or state."""
+    saved = TrainConfig.from_dict(saved_state["train_config"])
+    if explicit is not None:  # the CLI: start from the checkpoint's config, apply the flags given explicitly
+        merged = replace(saved, sae=replace(saved.sae))
+        for key in explicit:
+            if key.startswith("sae."):
+                setattr(merged.sae, key[4:], getattr(cfg.sae, key[4:]))
+            else:
+                setattr(merged, key, getattr(cfg, key))
+        cfg = merged
+    problems = incompatible_changes(saved, cfg)
+    if problems:
+        raise UserError("cannot resume with different settings (the data order and state depend on them): "
+                        + "; ".join(problems))
+    return cfg
+
+
+def check_same_run(saved: dict, source, hookpoints: list[str]) -> None:
+    saved_hooks = sorted({c["hookpoint"] for c in saved["coders"].values()})
+    if saved_hooks != sorted(hookpoints):
+        raise UserError(f"the checkpoint trained hookpoints {saved_hooks}, but this run resolves to {hookpoints}")
+    old, new = saved.get("data", {}), source.data_info
+    if old.get("kind") == new["kind"] and old.get("fingerprint") and old.get("fingerprint") != new["fingerprint"]:
+        raise UserError("the training data differs from the checkpoint's (token fingerprint "
+                        f"{new['fingerprint']} vs {old['fingerprint']}): resume needs the same dataset, tokenizer "
+                        "and ctx_len")

@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -55,10 +53,10 @@ from mlx.utils import tree_map
 from sae_core.data import default_exclude_tokens, load_token_chunks
 from sae_core.errors import UserError
 from sae_core.metrics import MetricsLog, coder_stats, plot_run
-from sae_core.train_config import TrainConfig, incompatible_changes
-from sae_core.training_state import (begin_save, choose_run_dir, coder_names, commit_save, debug_pause,
-                                     read_coder_state, read_run_state, write_coder_state, write_run_state,
-                                     BEST_DIR)
+from sae_core.train_config import TrainConfig
+from sae_core.training_state import (BEST_DIR, SigintFlag, begin_save, check_same_run, choose_run_dir, coder_names,
+                                     commit_save, debug_pause, merge_resume_config, read_coder_state,
+                                     read_run_state, write_coder_state, write_run_state)
 
 from .activations import (ArrayActivationSource, CacheActivationSource, choose_model_runner, load_model_source,
                           resolve_device, to_numpy)
@@ -217,7 +215,7 @@ class Trainer:
         log = MetricsLog(self.run, resume_step=self.step if self.step else None)
         batches = self.source.batches(start=self.batches)
         bar = self._progress_bar()
-        stop = _SigintFlag()
+        stop = SigintFlag()
         start, window_start, window_tokens = time.perf_counter() - self.elapsed, time.perf_counter(), 0
         last_saved, lr_scale = self.step, 1.0
         with stop:
@@ -431,51 +429,9 @@ def _chunk(x: mx.array, chunks: int) -> list[mx.array]:
     return [x[i:i + size] for i in range(0, x.shape[0], size)]
 
 
-class _SigintFlag:
-    """Within the block, the first Ctrl-C only sets `raised` (the loop saves and stops after the current step);
-    a second one interrupts at once (the checkpoint on disk stays intact: saves are atomic)."""
-
-    def __init__(self):
-        self.raised = False
-        self._previous = None
-
-    def _handler(self, signum, frame):
-        if self.raised:
-            raise KeyboardInterrupt
-        self.raised = True
-        print("\nInterrupted: finishing this step, then saving (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Setup: config -> activation source -> run folder -> Trainer
 # ---------------------------------------------------------------------------------------------------------------
-
-def _merge_resume(saved_state: dict, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
-    saved = TrainConfig.from_dict(saved_state["train_config"])
-    if explicit is not None:  # the CLI: start from the checkpoint's config, apply the flags given explicitly
-        merged = replace(saved, sae=replace(saved.sae))
-        for key in explicit:
-            if key.startswith("sae."):
-                setattr(merged.sae, key[4:], getattr(cfg.sae, key[4:]))
-            else:
-                setattr(merged, key, getattr(cfg, key))
-        cfg = merged
-    problems = incompatible_changes(saved, cfg)
-    if problems:
-        raise UserError("cannot resume with different settings (the data order and state depend on them): "
-                        + "; ".join(problems))
-    return cfg
-
 
 def _is_oom(e: BaseException) -> bool:
     if isinstance(e, MemoryError):
@@ -507,7 +463,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
         saved = read_run_state(run)
         if saved is None:
             raise UserError(f"nothing to resume: {run} holds no checkpoint")
-        cfg = _merge_resume(saved, cfg, explicit)
+        cfg = merge_resume_config(saved, cfg, explicit)
     device = resolve_device(cfg.device)
     make_source = tokenizer = None
     if source is not None and not hasattr(source, "batches"):
@@ -527,7 +483,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
         run = choose_run_dir(cfg.save_dir, cfg.run_name, cfg.model, hookpoints, bool(resume), overwrite)
         if resume:
             saved = read_run_state(run)
-            cfg = _merge_resume(saved, cfg, explicit)
+            cfg = merge_resume_config(saved, cfg, explicit)
     if make_source is not None:
         exclude = default_exclude_tokens(tokenizer) if cfg.exclude_tokens is None else cfg.exclude_tokens
         limit = cfg.max_tokens if saved is None else saved["data"].get("read_tokens", cfg.max_tokens)
@@ -536,7 +492,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
             source = make_source(chunks, exclude)
         source.data_info["read_tokens"] = limit
     if saved is not None:
-        _check_same_run(saved, source, hookpoints)
+        check_same_run(saved, source, hookpoints)
     with mx.stream(device):
         trainer = Trainer(cfg, source, run, saved, device, progress, stop_after_steps, plots, compiled)
     if progress:
@@ -558,17 +514,6 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
                             f"--micro_acc_steps N (each batch in N chunks); the last checkpoint is intact") from None
         raise
     return result
-
-
-def _check_same_run(saved: dict, source, hookpoints: list[str]) -> None:
-    saved_hooks = sorted({c["hookpoint"] for c in saved["coders"].values()})
-    if saved_hooks != sorted(hookpoints):
-        raise UserError(f"the checkpoint trained hookpoints {saved_hooks}, but this run resolves to {hookpoints}")
-    old, new = saved.get("data", {}), source.data_info
-    if old.get("kind") == new["kind"] and old.get("fingerprint") and old.get("fingerprint") != new["fingerprint"]:
-        raise UserError("the training data differs from the checkpoint's (token fingerprint "
-                        f"{new['fingerprint']} vs {old['fingerprint']}): resume needs the same dataset, tokenizer "
-                        "and ctx_len")
 
 
 __all__ = ["Trainer", "train"]
