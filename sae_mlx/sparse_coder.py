@@ -1,9 +1,10 @@
 """The TopK sparse coder (autoencoder or transcoder) of SPEC section 2, with sparsify's API and names, in MLX.
 
-The exact mirror of `sae_torch/sparse_coder.py`. The dense pre-activations are computed under `mx.stop_gradient`
-and used only to choose latents; the chosen values are then recomputed differentiably by a sparse gather-dot
-(`sparse_encode`). So the backward never touches a dense [N, M] array, and AuxK and Multi-TopK train the encoder
-through exactly the latents they select.
+The exact mirror of `sae_torch/sparse_coder.py`. The dense pre-activations are computed under `mx.stop_gradient`;
+they choose the latents and give the chosen values by a gather. Those values carry a sparse vjp (`sparse_encode`
+with `values=`), so the backward never touches a dense [N, M] array, and AuxK and Multi-TopK train the encoder
+through exactly the latents they select. When few latents are dead, eager AuxK runs as dense matmuls over the dead
+latents' rows only (`subset_decode`): the same loss and gradients.
 
 Differences forced by MLX (everything else is name for name the torch module):
 
@@ -46,6 +47,7 @@ from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validat
 from sae_core.config import SparseCoderConfig
 from sae_core.errors import CheckpointError
 
+from .kernels.row_subset import subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode
 
 _MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float64}
@@ -95,6 +97,11 @@ def _count_dead(dead_mask: mx.array) -> int | None:
 
 
 class SparseCoder(nn.Module):
+    # AuxK runs as dense matmuls over the dead latents' rows (`subset_decode`) when there are at most this many
+    # times k_aux dead latents, else through the sparse kernels (as sae_torch; measured there, bench/README.md).
+    # An instance may set it (0: always sparse). Inside mx.compile AuxK always takes the fixed-size sparse path.
+    aux_dense_max_ratio: float = 8.0
+
     def __init__(self, d_in: int, cfg: SparseCoderConfig, dtype: mx.Dtype | None = None, *,
                  decoder: bool = True, d_out: int | None = None):
         super().__init__()
@@ -153,9 +160,12 @@ class SparseCoder(nn.Module):
 
     def aux_indices(self, pre_acts: mx.array, dead_mask: mx.array) -> mx.array:
         """The AuxK latents: the k_aux largest pre-activations among the dead latents (reads num_dead: eager only)."""
-        dead = mx.array(np.flatnonzero(np.array(dead_mask)).astype(np.int32))  # the top-k runs on dead columns only
-        k_aux = min(self.d_out // 2, dead.size)
-        return dead[_topk_indices(pre_acts[:, dead], k_aux)]
+        dead = _dead_latents(dead_mask)  # the top-k runs on dead columns only
+        return dead[self._aux_slots(pre_acts[:, dead])]
+
+    def _aux_slots(self, dead_pre: mx.array) -> mx.array:
+        """Each token's AuxK slots: the k_aux largest of its pre-activations at the dead latents."""
+        return _topk_indices(dead_pre, min(self.d_out // 2, dead_pre.shape[-1]))
 
     def _fixed_aux_indices(self, pre_acts: mx.array, dead_mask: mx.array) -> mx.array:
         """AuxK with a fixed number of slots, min(d_out // 2, M), for `mx.compile`: slots on live latents (if
@@ -214,13 +224,17 @@ class SparseCoder(nn.Module):
         need_aux = dead_mask is not None and (num_dead is None or num_dead > 0)
         fixed_aux = need_aux and num_dead is None
 
-        # (indices, their values) per selection and row chunk: only the sparse selections live on
+        dead = _dead_latents(dead_mask) if need_aux and not fixed_aux else None
+
+        # per selection and row chunk, (indices, their values); for eager AuxK the pre-activations at the dead
+        # latents: only these live on, never a dense [N, M] array
         top, aux, multi = [], [], []
         for pre_acts in self._pre_acts_chunks(x_in):
             chosen = [(top, self.select_indices(pre_acts))]
-            if need_aux:
-                chosen.append((aux, self._fixed_aux_indices(pre_acts, dead_mask) if fixed_aux
-                               else self.aux_indices(pre_acts, dead_mask)))
+            if fixed_aux:
+                chosen.append((aux, self._fixed_aux_indices(pre_acts, dead_mask)))
+            elif need_aux:
+                aux.append(pre_acts[:, dead])
             if self.cfg.multi_topk:
                 chosen.append((multi, self.multi_topk_indices(pre_acts)))
             for parts, indices in chosen:
@@ -236,22 +250,33 @@ class SparseCoder(nn.Module):
         fvu = mx.square(e.astype(mx.float32)).sum() / total_variance
 
         auxk_loss = multi_topk_fvu = mx.zeros((), dtype=mx.float32)
-        if need_aux:
+        if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
             aux_indices, aux_values = _cat_pairs(aux)
-            aux_acts = self.acts_at(x_in, aux_indices, aux_values)
-            if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
-                aux_acts = mx.where(dead_mask[aux_indices], aux_acts, 0)
-                auxk_loss = self.auxk_loss(e, aux_acts, aux_indices, dead_mask.sum(), total_variance)
-            else:
-                auxk_loss = self.auxk_loss(e, aux_acts, aux_indices, num_dead, total_variance)
+            aux_acts = mx.where(dead_mask[aux_indices], self.acts_at(x_in, aux_indices, aux_values), 0)
+            e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
+            auxk_loss = self.auxk_loss(e, e_hat, dead_mask.sum(), total_variance)
+        elif need_aux:
+            e_hat = self.aux_reconstruction(x_in, _cat(aux), dead)
+            auxk_loss = self.auxk_loss(e, e_hat, num_dead, total_variance)
         if self.cfg.multi_topk:
             multi_indices, multi_values = _cat_pairs(multi)
             multi_acts = self.acts_at(x_in, multi_indices, multi_values)
             multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def auxk_loss(self, e: mx.array, aux_acts: mx.array, aux_indices: mx.array, num_dead: int | mx.array,
-                  total_variance: mx.array) -> mx.array:
+    def aux_reconstruction(self, x_in: mx.array, dead_pre: mx.array, dead: mx.array) -> mx.array:
+        """e_hat = sum over each token's AuxK latents of act * W_dec row (no b_dec), differentiable w.r.t. the
+        encoder and decoder. `dead_pre` holds the pre-activations at the dead latents `dead`. Dense matmuls over
+        the dead rows when few latents are dead, else the sparse kernels."""
+        slots = self._aux_slots(dead_pre)
+        chosen = self.gather_chosen(dead_pre, slots)
+        if dead.size <= self.aux_dense_max_ratio * slots.shape[-1]:
+            dense_acts = mx.put_along_axis(mx.zeros_like(dead_pre), slots, chosen, axis=-1)
+            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, self.encoder.bias, self.W_dec)
+        indices = dead[slots]
+        return sparse_decode(self.acts_at(x_in, indices, chosen), indices, self.W_dec)
+
+    def auxk_loss(self, e: mx.array, e_hat: mx.array, num_dead: int | mx.array, total_variance: mx.array) -> mx.array:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
         so e_hat has neither; e is a fixed target; the chosen latents' pre-activations train the encoder.
 
@@ -262,7 +287,6 @@ class SparseCoder(nn.Module):
             scale = mx.minimum(num_dead.astype(mx.float32) / half, 1.0)
         else:
             scale = min(num_dead / half, 1.0)
-        e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
         return scale * mx.square(e_hat.astype(mx.float32) - mx.stop_gradient(e).astype(mx.float32)).sum() \
             / total_variance
 
@@ -344,6 +368,11 @@ class SparseCoder(nn.Module):
         if not names:
             raise CheckpointError(f"{path}: no hookpoint folders (each holds cfg.json and sae.safetensors)")
         return {name: cls.load_from_disk(path / name, decoder=decoder) for name in names}
+
+
+def _dead_latents(dead_mask: mx.array) -> mx.array:
+    """Indices of the dead latents (int32; a host sync, so eager only)."""
+    return mx.array(np.flatnonzero(np.array(dead_mask)).astype(np.int32))
 
 
 def _cat_pairs(parts: list[tuple[mx.array, mx.array]]) -> tuple[mx.array, mx.array]:

@@ -1,8 +1,9 @@
 """The TopK sparse coder (autoencoder or transcoder) of SPEC section 2, with sparsify's API and names.
 
-The dense pre-activations are computed without autograd and used only to choose latents; the chosen values are
-then recomputed differentiably by a sparse gather-dot (`sparse_encode`). So the backward never touches a dense
-[N, M] tensor, and AuxK and Multi-TopK train the encoder through exactly the latents they select.
+The dense pre-activations are computed without autograd; they choose the latents and give the chosen values by a
+gather. Those values carry a sparse backward (`sparse_encode` with `values=`), so the backward never touches a dense
+[N, M] tensor, and AuxK and Multi-TopK train the encoder through exactly the latents they select. When few latents
+are dead, AuxK runs as dense GEMMs over the dead latents' rows only (`subset_decode`): the same loss and gradients.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validat
 from sae_core.config import SparseCoderConfig
 from sae_core.errors import CheckpointError
 
+from .kernels.row_subset import subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -40,6 +42,11 @@ class ForwardOutput(NamedTuple):
 
 
 class SparseCoder(nn.Module):
+    # AuxK runs as dense GEMMs over the dead latents' rows (`subset_decode`) when there are at most this many
+    # times k_aux dead latents, else through the sparse kernels: on CPU the GEMMs win by about 3x at 3.2 k_aux
+    # dead, and break even near 16 k_aux (bench/README.md). An instance may set it (0: always sparse).
+    aux_dense_max_ratio: float = 8.0
+
     def __init__(self, d_in: int, cfg: SparseCoderConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, *, decoder: bool = True, d_out: int | None = None):
         super().__init__()
@@ -83,8 +90,11 @@ class SparseCoder(nn.Module):
         """The AuxK latents: the k_aux largest pre-activations among the dead latents (a top-k over the dead
         columns only, so no second dense [N, M] tensor when few latents are dead)."""
         dead = dead_mask.nonzero().squeeze(-1)
-        k_aux = min(self.d_out // 2, len(dead))
-        return dead[pre_acts.index_select(-1, dead).topk(k_aux, dim=-1, sorted=False).indices]
+        return dead[self._aux_slots(pre_acts.index_select(-1, dead))]
+
+    def _aux_slots(self, dead_pre: Tensor) -> Tensor:
+        """Each token's AuxK slots: the k_aux largest of its pre-activations at the dead latents."""
+        return dead_pre.topk(min(self.d_out // 2, dead_pre.shape[-1]), dim=-1, sorted=False).indices
 
     def multi_topk_indices(self, pre_acts: Tensor) -> Tensor:
         return pre_acts.topk(min(4 * self.cfg.k, self.num_latents), dim=-1, sorted=False).indices
@@ -131,8 +141,8 @@ class SparseCoder(nn.Module):
         top_acts = self.acts_at(x_in, top_indices, self.gather_chosen(pre_acts, top_indices))
         num_dead = 0 if dead_mask is None else int(dead_mask.sum())
         if num_dead:
-            aux_indices = self.aux_indices(pre_acts, dead_mask)
-            aux_acts = self.acts_at(x_in, aux_indices, self.gather_chosen(pre_acts, aux_indices))
+            dead = dead_mask.nonzero().squeeze(-1)
+            e_hat = self.aux_reconstruction(x_in, pre_acts.index_select(-1, dead), dead)
         if self.cfg.multi_topk:
             multi_indices = self.multi_topk_indices(pre_acts)
             multi_acts = self.acts_at(x_in, multi_indices, self.gather_chosen(pre_acts, multi_indices))
@@ -146,16 +156,27 @@ class SparseCoder(nn.Module):
 
         auxk_loss = multi_topk_fvu = fvu.new_zeros(())
         if num_dead:
-            auxk_loss = self.auxk_loss(e, aux_acts, aux_indices, num_dead, total_variance)
+            auxk_loss = self.auxk_loss(e, e_hat, num_dead, total_variance)
         if self.cfg.multi_topk:
             multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def auxk_loss(self, e: Tensor, aux_acts: Tensor, aux_indices: Tensor, num_dead: int, total_variance: Tensor):
+    def aux_reconstruction(self, x_in: Tensor, dead_pre: Tensor, dead: Tensor) -> Tensor:
+        """e_hat = sum over each token's AuxK latents of act * W_dec row (no b_dec), differentiable w.r.t. the
+        encoder and decoder. `dead_pre` holds the pre-activations at the dead latents `dead` (its memory is reused).
+        Dense GEMMs over the dead rows when few latents are dead, else the sparse kernels."""
+        slots = self._aux_slots(dead_pre)
+        chosen = dead_pre.gather(-1, slots)
+        if len(dead) <= self.aux_dense_max_ratio * slots.shape[-1]:
+            dense_acts = dead_pre.zero_().scatter_(-1, slots, chosen)
+            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, self.encoder.bias, self.W_dec)
+        indices = dead[slots]
+        return sparse_decode(self.acts_at(x_in, indices, chosen), indices, self.W_dec)
+
+    def auxk_loss(self, e: Tensor, e_hat: Tensor, num_dead: int, total_variance: Tensor) -> Tensor:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
         so e_hat has neither; e is a fixed target; the chosen latents' pre-activations train the encoder."""
         scale = min(num_dead / (self.d_out // 2), 1.0)
-        e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
         return scale * (e_hat.float() - e.detach().float()).pow(2).sum() / total_variance
 
     def multi_topk_fvu(self, y: Tensor, multi_acts: Tensor, multi_indices: Tensor, skip, total_variance: Tensor):

@@ -320,3 +320,52 @@ def test_metal_dispatch_and_vjp_under_compile(monkeypatch):
     for a, b in zip(g1, g2):
         b = np.array(b)
         assert np.abs(np.array(a) - b).max() <= 1e-4 * np.abs(b).max()
+
+
+# ---- row_subset: AuxK over the dead rows with dense matmuls, against MLX's autograd ----
+
+@pytest.mark.parametrize("dtype", [F32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_subset_decode_matches_autograd_reference(dtype):
+    from sae_mlx.kernels.row_subset import subset_decode, subset_decode_reference
+
+    rng = np.random.default_rng(0)
+    n, d_in, d_out, m, rows, per_token = 29, 13, 11, 40, 9, 4
+    x = rng.normal(size=(n, d_in)).astype(np.float32)
+    w_enc = (rng.normal(size=(m, d_in)) / d_in**0.5).astype(np.float32)
+    b_enc = (0.1 * rng.normal(size=m)).astype(np.float32)
+    w_dec = rng.normal(size=(m, d_out)).astype(np.float32)
+    subset = rng.permutation(m)[:rows].astype(np.int32)
+    pre = np.maximum(x @ w_enc[subset].T + b_enc[subset], 0)
+    slots = np.argsort(-pre, axis=1)[:, :per_token]  # some chosen slots hold 0 (relu'd): they pass no gradient
+    acts = np.zeros_like(pre)
+    np.put_along_axis(acts, slots, np.take_along_axis(pre, slots, axis=1), axis=1)
+    assert (np.take_along_axis(acts, slots, axis=1) == 0).any()
+    params = [mx.array(a).astype(dtype) for a in (x, w_enc, b_enc, w_dec)]
+    acts_mx, subset_mx = mx.array(acts).astype(dtype), mx.array(subset)
+    weights = mx.array(np.linspace(-1, 1, n * d_out).reshape(n, d_out).astype(np.float32))
+
+    results = []
+    for fn in (subset_decode, subset_decode_reference):
+        loss = lambda *p: (fn(acts_mx, subset_mx, *p).astype(mx.float32) * weights).sum()
+        out = fn(acts_mx, subset_mx, *params)
+        grads = mx.grad(loss, argnums=(0, 1, 2, 3))(*params)
+        results.append([out, *grads])
+    tol = {F32: 1e-5, mx.bfloat16: 2e-2}[dtype]
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        got, want = to_f64(got), to_f64(want)
+        assert np.abs(want).max() > 0 and np.abs(got - want).max() <= tol * np.abs(want).max()
+    outside = np.setdiff1d(np.arange(m), subset)
+    for grad in results[0][2:]:
+        assert np.abs(to_f64(grad)[outside]).max() == 0
+
+
+def test_subset_decode_rejects_mismatched_shapes():
+    from sae_mlx.kernels.row_subset import subset_decode
+
+    acts, rows, x = mx.zeros((5, 3)), mx.array([0, 2, 4]), mx.zeros((5, 4))
+    w_enc, b_enc, w_dec = mx.zeros((6, 4)), mx.zeros((6,)), mx.zeros((6, 2))
+    with pytest.raises(ValueError, match=r"acts must be \[N, len\(rows\)\]"):
+        subset_decode(acts[:, :2], rows, x, w_enc, b_enc, w_dec)
+    with pytest.raises(ValueError, match="must share M"):
+        subset_decode(acts, rows, x, w_enc, b_enc, w_dec[:5])

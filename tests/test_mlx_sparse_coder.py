@@ -27,8 +27,8 @@ def oracle_for(case, params, selection=None, auxk_alpha=LOSS_AUXK_ALPHA):
                     auxk_alpha=auxk_alpha, selection=selection)
 
 
-def check_against_oracle(case, dtype):
-    outputs, selection, params = run_mlx(case, dtype)
+def check_against_oracle(case, dtype, coder_cls=None):
+    outputs, selection, params = run_mlx(case, dtype, coder_cls=coder_cls)
     # the oracle sees exactly what the backend saw: inputs and parameters rounded to its dtype
     rounded = case if dtype == "float32" else _rounded(case, dtype)
     ref = oracle_for(rounded, params, selection)
@@ -73,6 +73,21 @@ def test_fixed_size_auxk_matches_oracle(case, monkeypatch):
     """The AuxK used inside mx.compile (d_out // 2 slots, those on live latents zeroed), forced in eager mode."""
     monkeypatch.setattr(sc, "_count_dead", lambda dead_mask: None)
     check_against_oracle(case, "float32")
+
+
+class SparseAuxK(SparseCoder):
+    aux_dense_max_ratio = 0  # AuxK through the sparse kernels whatever the number of dead latents
+
+
+class DenseAuxK(SparseCoder):
+    aux_dense_max_ratio = float("inf")  # AuxK as matmuls over the dead rows whatever their number
+
+
+@pytest.mark.parametrize("coder_cls", [SparseAuxK, DenseAuxK], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.cfg.activation == "topk" and c.dead_mask is not None],
+                         ids=lambda c: c.name)
+def test_both_auxk_paths_match_oracle(case, coder_cls):
+    check_against_oracle(case, "float32", coder_cls)
 
 
 def test_parameter_names_are_sparsifys():

@@ -51,17 +51,16 @@ def test_cli_rejects_unknown_path():
 class BDecDoubleCount(SparseCoder):
     """AuxK with e_hat + b_dec: the target becomes e - b_dec and b_dec gets a spurious gradient."""
 
-    def auxk_loss(self, e, aux_acts, aux_indices, num_dead, total_variance):
-        scale = min(num_dead / (self.d_out // 2), 1.0)
-        e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec) + self.b_dec
-        return scale * (e_hat - e.detach()).pow(2).sum() / total_variance
+    def auxk_loss(self, e, e_hat, num_dead, total_variance):
+        return super().auxk_loss(e, e_hat + self.b_dec, num_dead, total_variance)
 
 
 class AuxKWithoutEncoderGradient(SparseCoder):
     """sparsify's fused encoder: AuxK reads the pre-activations without a gradient, so it never trains the encoder."""
 
-    def auxk_loss(self, e, aux_acts, aux_indices, num_dead, total_variance):
-        return super().auxk_loss(e, aux_acts.detach(), aux_indices, num_dead, total_variance)
+    def aux_reconstruction(self, x_in, dead_pre, dead):
+        slots = self._aux_slots(dead_pre)
+        return sparse_decode(self.gather_chosen(dead_pre, slots), dead[slots], self.W_dec)
 
 
 class MultiTopKOverwritesOutputs(SparseCoder):

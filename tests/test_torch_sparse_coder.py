@@ -20,8 +20,8 @@ def oracle_for(case, params, selection=None):
                     auxk_alpha=LOSS_AUXK_ALPHA, selection=selection)
 
 
-def check_against_oracle(case, dtype):
-    outputs, selection, params = run_torch(case, dtype)
+def check_against_oracle(case, dtype, coder_cls=None):
+    outputs, selection, params = run_torch(case, dtype, coder_cls=coder_cls)
     # the oracle sees exactly what the backend saw: inputs and parameters rounded to its dtype
     rounded = case if dtype == "float32" else _rounded(case, dtype)
     ref = oracle_for(rounded, params, selection)
@@ -47,6 +47,35 @@ def test_fp32_matches_oracle(case):
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c.name)
 def test_bf16_matches_oracle(case):
     check_against_oracle(case, "bfloat16")
+
+
+class SparseAuxK(SparseCoder):
+    aux_dense_max_ratio = 0  # AuxK through the sparse kernels whatever the number of dead latents
+
+
+class DenseAuxK(SparseCoder):
+    aux_dense_max_ratio = float("inf")  # AuxK as GEMMs over the dead rows whatever their number
+
+
+AUX_CASES = [c for c in CASES if c.cfg.activation == "topk" and c.dead_mask is not None]
+
+
+@pytest.mark.parametrize("coder_cls", [SparseAuxK, DenseAuxK], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", AUX_CASES, ids=lambda c: c.name)
+def test_both_auxk_paths_match_oracle(case, coder_cls):
+    check_against_oracle(case, "float32", coder_cls)
+
+
+@pytest.mark.parametrize("dead", ["few", "all"])
+def test_auxk_paths_agree(dead):
+    """The default ratio takes the dense path for few dead latents and the sparse one when all are dead; either
+    way the loss and every gradient agree with the other path."""
+    case = make_case(dead=dead, seed=11)
+    sparse, _, _ = run_torch(case, coder_cls=SparseAuxK)
+    dense, _, _ = run_torch(case, coder_cls=DenseAuxK)
+    np.testing.assert_allclose(dense["auxk_loss"], sparse["auxk_loss"], rtol=1e-5)
+    for name, grad in sparse["grads"].items():
+        np.testing.assert_allclose(dense["grads"][name], grad, rtol=1e-4, atol=1e-6 * np.abs(grad).max())
 
 
 def test_auxk_without_b_dec_double_count():

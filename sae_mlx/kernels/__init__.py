@@ -1,5 +1,7 @@
-"""Kernels of the MLX backend. See :mod:`sae_mlx.kernels.sparse_rows`."""
+"""Kernels of the MLX backend: sparse row kernels (:mod:`sae_mlx.kernels.sparse_rows`) and the dense-subset
+AuxK (:mod:`sae_mlx.kernels.row_subset`)."""
 
+from .row_subset import subset_decode, subset_decode_reference
 from .sparse_rows import (
     HAS_METAL,
     gather_dot,
@@ -29,5 +31,7 @@ __all__ = [
     "scatter_outer_reference",
     "sparse_decode",
     "sparse_encode",
+    "subset_decode",
+    "subset_decode_reference",
     "use_metal",
 ]

@@ -1,5 +1,7 @@
-"""Kernels of the torch backend. See :mod:`sae_torch.kernels.sparse_rows`."""
+"""Kernels of the torch backend: sparse row kernels (:mod:`sae_torch.kernels.sparse_rows`) and the dense-subset
+AuxK (:mod:`sae_torch.kernels.row_subset`)."""
 
+from .row_subset import subset_decode, subset_decode_reference
 from .sparse_rows import (
     HAS_TRITON,
     SparseDecode,
@@ -33,5 +35,7 @@ __all__ = [
     "scatter_outer_triton",
     "sparse_decode",
     "sparse_encode",
+    "subset_decode",
+    "subset_decode_reference",
     "use_triton",
 ]
