@@ -48,10 +48,10 @@ def parse_args(argv=None):
                    help="fraction of latents marked dead, so AuxK runs with k_aux = min(d_in/2, #dead) [0.05]")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side [cpu 1, cuda 3]")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side; the median is reported "
-                                                          "[cpu 5, cuda 20]")
+                                                          "[cpu 3, cuda 20]")
     p.add_argument("--sides", default=",".join(SIDES),
-                   help=f"torch sides to run, comma-separated, from {','.join(SIDES)} [all]; sparsify is skipped "
-                        "with a note when it is not importable")
+                   help=f"torch sides to run, comma-separated, from {','.join(SIDES)} [{','.join(SIDES)}]; "
+                        "sparsify is skipped with a note when it is not importable")
     p.add_argument("--no-mlx", action="store_true", help="skip the MLX backend")
     p.add_argument("--mlx-blas", default="auto",
                    help="OpenBLAS library to LD_PRELOAD into the MLX worker on Linux ('auto': Debian's "
@@ -71,7 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
     p.add_argument("--kernel-config", type=_ints, default=None,
                    help="d_in,k of the kernel micro-benchmark [768,32; with --quick the quick config]")
-    p.add_argument("--no-candidates", action="store_true", help="skip the CPU kernel candidates table")
+    p.add_argument("--candidates", action="store_true",
+                   help="CPU only: also time the alternative kernels of bench/candidates.py against sae_torch's "
+                        "gather_dot / scatter_outer (off by default: at d_in=768 on 2 cores it adds minutes, the "
+                        "old gather + bmm and sparsify's index_add_ way taking seconds per call on the AuxK set)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers [torch's default]")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker before it is abandoned [900]")
     p.add_argument("--quick", action="store_true",
@@ -146,7 +149,8 @@ def main(argv=None) -> int:
         grid = [BenchConfig(d_in=d, k=k, n_tokens=a.tokens, expansion=a.expansion, dead_frac=a.dead_frac)
                 for d in d_ins for k in ks]
         warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
-        reps = a.reps if a.reps is not None else (20 if cuda else 5)
+        # CPU 3: the default grid is meant to finish within 10 minutes on an idle 2-core machine (bench/README.md)
+        reps = a.reps if a.reps is not None else (20 if cuda else 3)
     out_dir = Path(a.out) if a.out else REPO / "bench" / "results" / ("quick" if a.quick else device.split(":")[0])
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -227,8 +231,8 @@ def main(argv=None) -> int:
                              expansion=a.expansion, dead_frac=a.dead_frac)
         log(f"{kc.name}: kernel micro-benchmarks")
         results["kernels"] = {"config": kc.to_dict(), **run_worker(
-            "kernels", {**common, "config": kc.to_dict(), "reps": max(3, reps) if cuda else min(3, reps), "sparsify": "sparsify" in sides,
-                        "candidates": not a.no_candidates}, a.timeout)}
+            "kernels", {**common, "config": kc.to_dict(), "reps": max(3, reps) if cuda else min(3, reps),
+                        "sparsify": "sparsify" in sides, "candidates": a.candidates}, a.timeout)}
     results["total_wall_s"] = time.perf_counter() - t_start
     results["environment"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     md = _write(results, out_dir)

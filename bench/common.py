@@ -162,26 +162,20 @@ def initial_state(cfg: BenchConfig, x):
     return {n: t.detach().clone() for n, t in sae.state_dict().items()}
 
 
-SIDES = ("ours", "sparsify", "proposed")
+SIDES = ("ours", "sparsify")
 SIDE_LABELS = {
     "ours": "ours (sae_torch)",
     "sparsify": "sparsify 1.3.3",
-    "proposed": "proposed (prototype in bench/proposed.py)",
     "mlx": "ours (sae_mlx)",
 }
 
 
 def build_side(side: str, cfg: BenchConfig, state: dict, device: str):
-    import torch
-
-    if side in ("ours", "proposed"):
+    if side == "ours":
         from sae_core.config import SparseCoderConfig
+        from sae_torch import SparseCoder
 
-        if side == "ours":
-            from sae_torch import SparseCoder as cls
-        else:
-            from bench.proposed import ProposedSparseCoder as cls
-        sae = cls(cfg.d_in, SparseCoderConfig(k=cfg.k, multi_topk=cfg.multi_topk), device=device)
+        sae = SparseCoder(cfg.d_in, SparseCoderConfig(k=cfg.k, multi_topk=cfg.multi_topk), device=device)
     elif side == "sparsify":
         import_sparsify(device)
         from sparsify import SparseCoder as TheirCoder

@@ -186,7 +186,11 @@ def markdown(results: dict, target: dict) -> str:
             for group, title in [("decode_forward", "decode forward"), ("decode_backward",
                                   "decode backward (d_acts and d_W_dec)"),
                                  ("encoder_backward", "encoder backward (d_x, d_W_enc, d_b_enc) of the selected "
-                                                      "latents")]:
+                                                      "latents"),
+                                 ("auxk_backward", "the whole AuxK backward (d_x, d_W_enc, d_b_enc, d_W_dec), by "
+                                                   "path")]:
+                if not k.get(group):  # auxk_backward: none with AuxK off, nor in results of older versions
+                    continue
                 L.append(f"**{title}**\n")
                 L.append("| index set | implementation | ms |")
                 L.append("|---|---|---|")
@@ -195,9 +199,13 @@ def markdown(results: dict, target: dict) -> str:
                         v = f"{r['median_s'] * 1e3:.1f}" if "median_s" in r else r.get("note", "")
                         L.append(f"| {key} | {impl} | {v} |")
                 L.append("")
+            if k.get("auxk_path"):
+                L.append(f"{k['auxk_path']}.\n")
             if k.get("candidates"):
-                L.append("**CPU candidates for the two backward primitives** (same inputs; max abs error against "
-                         "the current reference)\n")
+                L.append("**CPU alternatives for the two backward primitives** (`--candidates`, bench/candidates.py; "
+                         "same inputs; max abs error against sae_torch's current `gather_dot_reference` / "
+                         "`scatter_outer_reference`, which picks CSR by token or COO by the mean number of "
+                         "occurrences per latent: the forced layout it picks shows error 0)\n")
                 L.append("| index set | primitive | implementation | ms | max abs err |")
                 L.append("|---|---|---|---|---|")
                 for key, prims in k["candidates"].items():

@@ -6,6 +6,7 @@ JSON object to RESULT_PATH. The orchestrator (`bench.cli`) starts them; they are
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -106,12 +107,18 @@ def mode_memory(args) -> dict:
 
 
 def mode_kernels(args) -> dict:
+    """Decode forward/backward and encoder backward of ours against sparsify's, on the top-k and on the AuxK index
+    set of one config; for AuxK also `subset_decode` (the dense-subset path the coder takes when few latents are
+    dead) and which path the coder takes. On CPU with args["candidates"]: bench/candidates.py against sae_torch's
+    two backward primitives."""
     torch = _setup(args)
     import torch.nn.functional as F
 
-    from bench import proposed as P
+    from bench import candidates as C
     from bench.common import BenchConfig, Timer, import_sparsify, initial_state, make_data, summarize
+    from sae_torch import SparseCoder
     from sae_torch.kernels import sparse_rows as sr
+    from sae_torch.kernels.row_subset import subset_decode
 
     cfg = BenchConfig.from_dict(args["config"])
     device = args["device"]
@@ -122,17 +129,17 @@ def mode_kernels(args) -> dict:
     b_enc = state["encoder.bias"].to(device)
     w_dec = state["W_dec"].to(device)
     x_in = x - state["b_dec"].to(device)
-    with torch.no_grad():
+    with torch.no_grad():  # the selections, as SparseCoder.forward makes them
         pre = F.relu(F.linear(x_in, w_enc, b_enc))
         top_acts, top_idx = pre.topk(cfg.k, dim=1, sorted=False)
         sets = {"top": (top_idx, top_acts)}
         if cfg.num_dead:
             dead_idx = dead.nonzero().squeeze(1)
             k_aux = min(cfg.d_in // 2, cfg.num_dead)
-            sub = pre.index_select(1, dead_idx)
-            aux_acts, aux_local = sub.topk(k_aux, dim=1, sorted=False)
-            sets["aux"] = (dead_idx[aux_local], aux_acts)
-            del sub
+            aux_acts, aux_slots = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False)
+            sets["aux"] = (dead_idx[aux_slots], aux_acts)
+            # what subset_decode takes: the AuxK activations as a dense [N, |D|] matrix, zero outside the slots
+            aux_dense = torch.zeros(cfg.n_tokens, dead_idx.numel(), device=device).scatter_(1, aux_slots, aux_acts)
         del pre
     g = torch.Generator().manual_seed(cfg.seed + 7)
     grad_out = torch.randn(cfg.n_tokens, cfg.d_in, generator=g).to(device)
@@ -147,19 +154,34 @@ def mode_kernels(args) -> dict:
     cuda = device.startswith("cuda")
     ac = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
 
-    def run(fn):
-        first = timer(fn)  # warm-up; an op slower than 1 s is warm after one call, so that call counts as a rep
+    def timed(fn):
+        """(summary of `reps` timed calls, the last call's output). One warm-up call first, except that an op
+        slower than 1 s is warm after one call, so that call counts as a rep."""
+        last = []
+
+        def call():
+            last.clear()  # free the previous output before the next is made
+            last.append(fn())
+
+        first = timer(call)
         times = [first] if first > 1.0 else []
-        return summarize(times + [timer(fn) for _ in range(reps - len(times))])
+        times += [timer(call) for _ in range(reps - len(times))]
+        return summarize(times), last[0]
+
+    def run(fn):
+        return timed(fn)[0]
 
     def bwd_only(make):
         """Time only the backward: the graph is built once and kept (retain_graph)."""
         out, inputs = make()
         grad = grad_out if out.shape == grad_out.shape else torch.randn_like(out)
-        fn = lambda: torch.autograd.grad(out, inputs, grad.to(out.dtype), retain_graph=True)
-        return run(fn)
+        return run(lambda: torch.autograd.grad(out, inputs, grad.to(out.dtype), retain_graph=True))
 
-    res = {"decode_forward": {}, "decode_backward": {}, "encoder_backward": {}, "candidates": {}}
+    def leaves(*tensors):
+        return tuple(t.clone().requires_grad_() for t in tensors)
+
+    res = {"decode_forward": {}, "decode_backward": {}, "encoder_backward": {}, "auxk_backward": {},
+           "candidates": {}}
     for name, (idx, acts) in sets.items():
         key = f"{name} (N={cfg.n_tokens}, k={idx.shape[1]}, d={cfg.d_in}, M={cfg.num_latents})"
         a = acts.detach().clone()
@@ -175,16 +197,15 @@ def mode_kernels(args) -> dict:
         # --- decode backward (d_acts and d_W_dec)
         db = res["decode_backward"][key] = {}
 
-        def mk_ours_dec(fn=sr.sparse_decode):
-            aa, ww = a.clone().requires_grad_(), w_dec.clone().requires_grad_()
+        def mk_ours_dec():
+            aa, ww = leaves(a, w_dec)
             with ac:
-                return fn(aa, idx, ww), (aa, ww)
+                return sr.sparse_decode(aa, idx, ww), (aa, ww)
 
         db["ours"] = bwd_only(mk_ours_dec)
-        db["proposed"] = bwd_only(lambda: mk_ours_dec(P.FastDecode.apply))
         if have_sparsify:
             def mk_sp_dec(fn):
-                aa, ww = a.clone().requires_grad_(), w_dec.clone().requires_grad_()
+                aa, ww = leaves(a, w_dec)
                 with ac:
                     return fn(idx, aa, ww.mT), (aa, ww)
 
@@ -196,21 +217,15 @@ def mode_kernels(args) -> dict:
         eb = res["encoder_backward"][key] = {}
 
         def mk_ours_enc():
-            xx, ww, bb = x_in.clone().requires_grad_(), w_enc.clone().requires_grad_(), b_enc.clone().requires_grad_()
-            with ac:
-                return F.relu(sr.sparse_encode(xx, ww, idx) + bb[idx]), (xx, ww, bb)
-
-        def mk_prop_enc():
-            xx, ww, bb = x_in.clone().requires_grad_(), w_enc.clone().requires_grad_(), b_enc.clone().requires_grad_()
-            with ac:
-                return P.SelectedEncode.apply(a, xx, ww, bb, idx), (xx, ww, bb)
+            xx, ww, bb = leaves(x_in, w_enc, b_enc)
+            with ac:  # as SparseCoder.acts_at: values gathered from the dense pre-activations, sparse backward
+                values = a - bb.detach()[idx]
+                return F.relu(sr.sparse_encode(xx, ww, idx, values=values) + bb[idx]), (xx, ww, bb)
 
         eb["ours"] = bwd_only(mk_ours_enc)
-        eb["proposed"] = bwd_only(mk_prop_enc)
         if have_sparsify and name == "top":
             def mk_sp_enc():
-                xx, ww, bb = (x_in.clone().requires_grad_(), w_enc.clone().requires_grad_(),
-                              b_enc.clone().requires_grad_())
+                xx, ww, bb = leaves(x_in, w_enc, b_enc)
                 with ac:
                     vals, _, _ = FusedEncoder.apply(xx, ww, bb, cfg.k, "topk")
                 return vals, (xx, ww, bb)
@@ -218,37 +233,43 @@ def mode_kernels(args) -> dict:
             eb["sparsify fused_encoder"] = bwd_only(mk_sp_enc)
         elif name == "aux":
             eb["sparsify fused_encoder"] = {"note": "sparsify sends no gradient from AuxK into the encoder"}
-            if not cuda:
-                def mk_dense_aux():
-                    xx, ww, bb, wd = (x_in.clone().requires_grad_(), w_enc.clone().requires_grad_(),
-                                      b_enc.clone().requires_grad_(), w_dec.clone().requires_grad_())
-                    dmat = torch.zeros(cfg.n_tokens, dead_idx.numel(), device=device)
-                    loc = torch.searchsorted(dead_idx, idx)
-                    dmat.scatter_(1, loc, a)
-                    return P.DenseSubsetAux.apply(dmat, xx, ww, bb, wd, dead_idx), (xx, ww, bb, wd)
 
-                eb["proposed dense-subset AuxK (encoder AND decoder backward)"] = bwd_only(mk_dense_aux)
+        # --- the whole AuxK backward by each path, and the one SparseCoder takes
+        if name == "aux":
+            ab = res["auxk_backward"][key] = {}
+            ab["ours sparse kernels (decode backward + encoder backward above)"] = {
+                "median_s": db["ours"]["median_s"] + eb["ours"]["median_s"]}
 
-        # --- candidate CPU kernels for the two backward primitives
-        if not cuda and args.get("candidates", True):
-            cand = res["candidates"][key] = {"gather_dot": {}, "scatter_outer": {}}
+            def mk_subset():
+                xx, ww, bb, wd = leaves(x_in, w_enc, b_enc, w_dec)
+                with ac:
+                    return subset_decode(aux_dense, dead_idx, xx, ww, bb, wd), (xx, ww, bb, wd)
+
+            ab["ours subset_decode (dense-subset AuxK: encoder AND decoder backward)"] = bwd_only(mk_subset)
+            if have_sparsify:
+                ab["sparsify (decode backward above; no encoder gradient)"] = {
+                    "median_s": db["sparsify decoder_impl"]["median_s"]}
+            ratio = SparseCoder.aux_dense_max_ratio
+            dense_path = dead_idx.numel() <= ratio * k_aux
+            res["auxk_path"] = (
+                f"SparseCoder takes {'subset_decode' if dense_path else 'the sparse kernels'} here: "
+                f"{dead_idx.numel()} dead latents {'<=' if dense_path else '>'} aux_dense_max_ratio ({ratio:g}) "
+                f"x k_aux ({k_aux}) = {ratio * k_aux:g}")
+
+        # --- CPU alternatives for the two backward primitives, against sae_torch's
+        if not cuda and args.get("candidates"):
             w = torch.randn(idx.shape, generator=g).to(device)
-            ref_gd = sr.gather_dot_reference(grad_out, w_dec, idx)
-            for cname, fn in [("current: index + bmm (sae_torch reference)", sr.gather_dot_reference),
-                              ("aten _embedding_bag_per_sample_weights_backward", P.gather_dot_ebag)]:
-                r = run(lambda: fn(grad_out, w_dec, idx))
-                r["max_abs_err_vs_current"] = float((fn(grad_out, w_dec, idx) - ref_gd).abs().max())
-                cand["gather_dot"][cname] = r
-            ref_so = sr.scatter_outer_reference(w, idx, x_in, cfg.num_latents)
-            for cname, fn in [("current: sort + CSR[M,N] @ rows (sae_torch reference)", sr.scatter_outer_reference),
-                              ("CSR[N,M] by token, no sort, S.t() @ rows", P.scatter_outer_csr_t),
-                              ("COO[M,N] torch.sparse.mm", P.scatter_outer_coo),
-                              ("aten _embedding_bag_dense_backward", P.scatter_outer_ebag),
-                              ("index_add_ of [chunk*k, d] contributions (sparsify's way, chunked)",
-                               P.scatter_outer_index_add)]:
-                r = run(lambda: fn(w, idx, x_in, cfg.num_latents))
-                r["max_abs_err_vs_current"] = float((fn(w, idx, x_in, cfg.num_latents) - ref_so).abs().max())
-                cand["scatter_outer"][cname] = r
+            cand = res["candidates"][key] = {}
+            for prim, current, alternatives, inputs in [
+                    ("gather_dot", sr.gather_dot_reference, C.GATHER_DOT, (grad_out, w_dec, idx)),
+                    ("scatter_outer", sr.scatter_outer_reference, C.SCATTER_OUTER, (w, idx, x_in, cfg.num_latents))]:
+                summary, ref = timed(functools.partial(current, *inputs))
+                cand[prim] = {"sae_torch (current)": {**summary, "max_abs_err_vs_current": 0.0}}
+                for cname, fn in alternatives.items():
+                    summary, out = timed(functools.partial(fn, *inputs))
+                    cand[prim][cname] = {**summary, "max_abs_err_vs_current": float((out - ref).abs().max())}
+                    del out
+                del ref
     return res
 
 

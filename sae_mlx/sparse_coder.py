@@ -98,7 +98,7 @@ def _count_dead(dead_mask: mx.array) -> int | None:
 
 class SparseCoder(nn.Module):
     # AuxK runs as dense matmuls over the dead latents' rows (`subset_decode`) when there are at most this many
-    # times k_aux dead latents, else through the sparse kernels (as sae_torch; measured there, bench/README.md).
+    # times k_aux dead latents, else through the sparse kernels (as sae_torch; measured there, see its comment).
     # An instance may set it (0: always sparse). Inside mx.compile AuxK always takes the fixed-size sparse path.
     aux_dense_max_ratio: float = 8.0
 

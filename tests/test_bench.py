@@ -30,14 +30,14 @@ def test_help():
     proc = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert proc.returncode == 0
-    for flag in ("--quick", "--device", "--out", "--d-in", "--k", "--sides"):
+    for flag in ("--quick", "--device", "--out", "--d-in", "--k", "--sides", "--candidates"):
         assert flag in proc.stdout
 
 
 @pytest.mark.slow
 def test_quick_torch_sides(tmp_path):
-    sides = "ours,proposed" + (",sparsify" if HAVE_SPARSIFY else "")
-    results, md = _run_bench(tmp_path, "--no-mlx", "--sides", sides)
+    sides = "ours" + (",sparsify" if HAVE_SPARSIFY else "")
+    results, md = _run_bench(tmp_path, "--no-mlx", "--sides", sides, "--candidates")
     (entry,) = results["configs"]
     assert entry["time"]["ok"], entry["time"]
     assert set(entry["time"]["sides"]) == set(sides.split(","))
@@ -45,7 +45,17 @@ def test_quick_torch_sides(tmp_path):
         assert mem["ok"], (side, mem)
         assert mem["tensor"]["peak_bytes"] > 0
     assert {m["side"] for m in results["memory_auxk_off"]} == set(sides.split(","))
-    assert results["kernels"]["ok"], results["kernels"]
+    kernels = results["kernels"]
+    assert kernels["ok"], kernels
+    # the quick config has 102 dead latents, k_aux 32: the coder takes the dense-subset AuxK path, and says so
+    assert "SparseCoder takes subset_decode here" in kernels["auxk_path"] and kernels["auxk_path"] in md
+    (aux_rows,) = kernels["auxk_backward"].values()
+    assert aux_rows["ours subset_decode (dense-subset AuxK: encoder AND decoder backward)"]["median_s"] > 0
+    if not torch.cuda.is_available():
+        for prims in kernels["candidates"].values():
+            for impls in prims.values():
+                assert "sae_torch (current)" in impls
+                assert all(r["max_abs_err_vs_current"] < 1e-4 for r in impls.values()), impls
     assert results["environment"]["cpu_model"] in md
     assert "GPU numbers are not measured yet" in md or torch.cuda.is_available()
     losses = {s: v["losses"][0] for s, v in entry["time"]["sides"].items()}
@@ -68,35 +78,20 @@ def test_quick_mlx_side(tmp_path):
     assert "sae_mlx" in md
 
 
-def test_proposed_prototype_matches_sae_torch():
-    """The prototype in bench/proposed.py computes the same losses and gradients as sae_torch (its numbers are
-    only worth reporting if it does)."""
-    from bench.proposed import ProposedSparseCoder
-    from sae_core.config import SparseCoderConfig
-    from sae_torch import SparseCoder
+def test_candidates_match_sae_torch():
+    """Every alternative kernel in bench/candidates.py computes what sae_torch's primitive of the same role computes
+    (their timings are only worth comparing if so), on a light and on a heavy index set (CSR and COO in sae_torch)."""
+    from bench import candidates as C
+    from sae_torch.kernels import sparse_rows as sr
 
-    torch.manual_seed(0)
-    d, m, n = 40, 320, 300
-    for multi in (False, True):
-        for dead_count in (50, 300):  # dense-subset AuxK (few dead) and the sparse AuxK path (many dead)
-            cfg = SparseCoderConfig(k=6, num_latents=m, multi_topk=multi)
-            a, b = SparseCoder(d, cfg), ProposedSparseCoder(d, cfg)
-            b.load_state_dict(a.state_dict())
-            with torch.no_grad():
-                a.b_dec.normal_()
-                b.b_dec.copy_(a.b_dec)
-            x = torch.randn(n, d)
-            dead = torch.zeros(m, dtype=torch.bool)
-            dead[torch.randperm(m)[:dead_count]] = True
-            grads, outs = [], []
-            for coder in (a, b):
-                out = coder(x, dead_mask=dead)
-                (out.fvu + out.auxk_loss / 32 + out.multi_topk_fvu / 8).backward()
-                outs.append(out)
-                grads.append({name: p.grad.clone() for name, p in coder.named_parameters()})
-            for field in ("fvu", "auxk_loss", "multi_topk_fvu"):
-                ra, rb = float(getattr(outs[0], field)), float(getattr(outs[1], field))
-                assert abs(ra - rb) <= 1e-5 * max(abs(ra), 1e-12), (field, ra, rb)
-            for name in grads[0]:
-                ref = grads[0][name]
-                assert (grads[1][name] - ref).abs().max() <= 1e-4 * ref.abs().max(), name
+    g = torch.Generator().manual_seed(0)
+    n, d, m = 50, 24, 40
+    for k in (3, 20):  # 150 <= 16 m: sae_torch's scatter_outer takes CSR; 1000 > 16 m: COO
+        idx = torch.randint(0, m, (n, k), generator=g)
+        rows, table, w = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g), torch.randn(n, k, generator=g)
+        ref = sr.gather_dot_reference(rows, table, idx)
+        for name, fn in C.GATHER_DOT.items():
+            torch.testing.assert_close(fn(rows, table, idx), ref, msg=name)
+        ref = sr.scatter_outer_reference(w, idx, rows, m)
+        for name, fn in C.SCATTER_OUTER.items():
+            torch.testing.assert_close(fn(w, idx, rows, m), ref, msg=name)

@@ -163,3 +163,18 @@ def test_decoder_norm_utilities():
     sae.W_dec.grad = torch.randn(30, 12)
     sae.remove_gradient_parallel_to_decoder_directions()
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=1), torch.zeros(30), atol=1e-6, rtol=0)
+
+
+def test_parity_fixtures_cover_both_auxk_paths():
+    """The parity suite runs the coder as users get it: its fixtures must reach the dense-subset AuxK (few dead)
+    and the sparse one (all dead) with the default `aux_dense_max_ratio`, in both backends."""
+    from sae_mlx import SparseCoder as MLXSparseCoder
+
+    assert MLXSparseCoder.aux_dense_max_ratio == SparseCoder.aux_dense_max_ratio
+    paths = set()
+    for case in CASES:
+        if case.dead_mask is not None:
+            num_dead = int(case.dead_mask.sum())
+            k_aux = min(case.d_out // 2, num_dead)
+            paths.add("dense" if num_dead <= SparseCoder.aux_dense_max_ratio * k_aux else "sparse")
+    assert paths == {"dense", "sparse"}
