@@ -2,11 +2,11 @@
 against `sae_torch.kernels.sparse_rows.gather_dot_reference` / `scatter_outer_reference`, the current code.
 
 Only implementations that sae_torch does not run on fp32 CPU tensors live here: the plain gather + bmm for
-gather_dot (sae_torch uses aten's fused embedding_bag backward), two other aten / sparsify ways of doing
-scatter_outer, and each of the two sparse-matrix layouts between which `scatter_outer_reference` picks by a
-threshold on the mean occurrences per latent, forced, so that the benchmark shows whether the threshold picks the
-faster one. Every function computes exactly what the sae_torch function of the same role computes (up to fp32
-summation order); nothing in the library imports this module.
+gather_dot (sae_torch uses aten's fused embedding_bag per-sample-weights backward), and for scatter_outer (sae_torch
+uses aten's embedding_bag dense backward) the two sparse-matrix products it used before and sparsify's index_add_
+way, so that the benchmark keeps showing whether the current choice is the faster one. Every function computes
+exactly what the sae_torch function of the same role computes (up to fp32 summation order); nothing in the library
+imports this module.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def gather_dot_bmm(rows: Tensor, table: Tensor, indices: Tensor, chunk_elems: in
 
 def scatter_outer_csr_t(weights: Tensor, indices: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """out[m] = sum_{indices[n,j]==m} weights[n,j] rows[n], always as S^T @ rows with S [N, M] in CSR by token (no
-    sort needed: row n holds token n's k entries). sae_torch's choice when latents occur few times on average."""
+    sort needed: row n holds token n's k entries). sae_torch's way for light index sets before it used
+    aten's embedding_bag backward."""
     n, k = indices.shape
     crow = torch.arange(0, n * k + 1, k, device=rows.device)
     with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
@@ -42,22 +43,12 @@ def scatter_outer_csr_t(weights: Tensor, indices: Tensor, rows: Tensor, num_rows
 
 def scatter_outer_coo(weights: Tensor, indices: Tensor, rows: Tensor, num_rows: int) -> Tensor:
     """The same, always through a COO [M, N] matrix and torch.sparse.mm (which coalesces, i.e. sorts by latent).
-    sae_torch's choice when latents occur many times on average (AuxK's k_aux slots)."""
+    sae_torch's way for heavy index sets (AuxK's k_aux slots) before it used aten's embedding_bag backward."""
     n, k = indices.shape
     tokens = torch.arange(n, device=rows.device).repeat_interleave(k)
     s = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1).long(), tokens]), weights.reshape(-1),
                                 (num_rows, n), check_invariants=False)
     return torch.sparse.mm(s, rows.contiguous())
-
-
-def scatter_outer_ebag(weights: Tensor, indices: Tensor, rows: Tensor, num_rows: int) -> Tensor:
-    """The same through aten's embedding_bag dense backward (what sparsify's eager decoder backward runs)."""
-    n, k = indices.shape
-    offset2bag = torch.arange(n, device=rows.device).repeat_interleave(k)
-    bag_size = torch.full((n,), k, device=rows.device, dtype=torch.long)
-    return torch.ops.aten._embedding_bag_dense_backward(
-        rows.contiguous(), indices.reshape(-1).long(), offset2bag, bag_size, torch.empty(0, dtype=torch.long),
-        num_rows, False, 0, weights.reshape(-1), -1)
 
 
 def scatter_outer_index_add(weights: Tensor, indices: Tensor, rows: Tensor, num_rows: int,
@@ -78,8 +69,7 @@ GATHER_DOT = {
     "gather + bmm, chunked (sae_torch before)": gather_dot_bmm,
 }
 SCATTER_OUTER = {
-    "CSR[N,M] by token, S.t() @ rows (forced)": scatter_outer_csr_t,
-    "COO[M,N] torch.sparse.mm (forced)": scatter_outer_coo,
-    "aten _embedding_bag_dense_backward (sparsify's eager decoder)": scatter_outer_ebag,
+    "CSR[N,M] by token, S.t() @ rows (sae_torch before)": scatter_outer_csr_t,
+    "COO[M,N] torch.sparse.mm (sae_torch before)": scatter_outer_coo,
     "index_add_ of [chunk*k, d] contributions (sparsify's encoder, chunked)": scatter_outer_index_add,
 }

@@ -204,8 +204,7 @@ def markdown(results: dict, target: dict) -> str:
             if k.get("candidates"):
                 L.append("**CPU alternatives for the two backward primitives** (`--candidates`, bench/candidates.py; "
                          "same inputs; max abs error against sae_torch's current `gather_dot_reference` / "
-                         "`scatter_outer_reference`, which picks CSR by token or COO by the mean number of "
-                         "occurrences per latent: the forced layout it picks shows error 0)\n")
+                         "`scatter_outer_reference`, both aten embedding_bag backward ops)\n")
                 L.append("| index set | primitive | implementation | ms | max abs err |")
                 L.append("|---|---|---|---|---|")
                 for key, prims in k["candidates"].items():

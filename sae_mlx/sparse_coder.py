@@ -181,13 +181,24 @@ class SparseCoder(nn.Module):
     def encoder_input(self, x: mx.array) -> mx.array:
         return x if self.cfg.transcode else x - self.b_dec
 
-    def acts_at(self, x_in: mx.array, indices: mx.array, chosen: mx.array) -> mx.array:
+    def sparse_encoder_inputs(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(x_in, bias): the encoder input and bias through which the selected latents' sparse vjp reaches the
+        encoder. For an autoencoder x_in = x - b_dec, but b_dec's gradient would come back as an [N, d_in] input
+        cotangent that is then summed over tokens. So b_dec is under stop_gradient in x_in and enters through the
+        equal bias b_enc - W_enc b_dec instead (W_enc under stop_gradient there: its gradient comes through x_in).
+        Same values, same gradients, and MLX never evaluates the input cotangent unless x itself needs one."""
+        if self.cfg.transcode:
+            return x, self.encoder.bias
+        return (x - mx.stop_gradient(self.b_dec),
+                self.encoder.bias - mx.stop_gradient(self.encoder.weight) @ self.b_dec)
+
+    def acts_at(self, x_in: mx.array, bias: mx.array, indices: mx.array, chosen: mx.array) -> mx.array:
         """relu(pre-activation) of the chosen latents, with a sparse vjp that reaches the encoder.
 
         `chosen` holds the values gathered from the dense pre-activations (`gather_chosen`); `sparse_encode` only
         supplies the gradient path (chosen - bias + bias is exact where the latent fires, and 0 where it does
-        not)."""
-        bias = self.encoder.bias[indices]
+        not). (x_in, bias) come from `sparse_encoder_inputs`."""
+        bias = bias[indices]
         values = chosen.astype(bias.dtype) - mx.stop_gradient(bias)
         return nn.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values) + bias)
 
@@ -205,11 +216,11 @@ class SparseCoder(nn.Module):
             yield self.pre_acts(rows)
 
     def encode(self, x: mx.array) -> EncoderOutput:
-        x_in = self.encoder_input(x)
+        x_in, bias = self.sparse_encoder_inputs(x)
         pres = list(self._pre_acts_chunks(x_in))
         top_indices = _cat([self.select_indices(pre) for pre in pres])
         pre_acts = _cat(pres)  # the dense [N, M] array the caller asked for
-        return EncoderOutput(self.acts_at(x_in, top_indices, self.gather_chosen(pre_acts, top_indices)),
+        return EncoderOutput(self.acts_at(x_in, bias, top_indices, self.gather_chosen(pre_acts, top_indices)),
                              top_indices, pre_acts)
 
     def decode(self, top_acts: mx.array, top_indices: mx.array) -> mx.array:
@@ -219,7 +230,7 @@ class SparseCoder(nn.Module):
     def __call__(self, x: mx.array, y: mx.array | None = None, *,
                  dead_mask: mx.array | None = None) -> ForwardOutput:
         y = x if y is None else y
-        x_in = self.encoder_input(x)
+        x_in, bias = self.sparse_encoder_inputs(x)
         num_dead = None if dead_mask is None else _count_dead(dead_mask)  # None: inside mx.compile
         need_aux = dead_mask is not None and (num_dead is None or num_dead > 0)
         fixed_aux = need_aux and num_dead is None
@@ -242,7 +253,7 @@ class SparseCoder(nn.Module):
         top_indices, top_values = _cat_pairs(top)
 
         skip = x.astype(self.W_skip.dtype) @ self.W_skip.T if self.W_skip is not None else 0
-        top_acts = self.acts_at(x_in, top_indices, top_values)
+        top_acts = self.acts_at(x_in, bias, top_indices, top_values)
         sae_out = self.decode(top_acts, top_indices) + skip
         e = y - sae_out
         y32 = y.astype(mx.float32)
@@ -252,19 +263,19 @@ class SparseCoder(nn.Module):
         auxk_loss = multi_topk_fvu = mx.zeros((), dtype=mx.float32)
         if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
             aux_indices, aux_values = _cat_pairs(aux)
-            aux_acts = mx.where(dead_mask[aux_indices], self.acts_at(x_in, aux_indices, aux_values), 0)
+            aux_acts = mx.where(dead_mask[aux_indices], self.acts_at(x_in, bias, aux_indices, aux_values), 0)
             e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
             auxk_loss = self.auxk_loss(e, e_hat, dead_mask.sum(), total_variance)
         elif need_aux:
-            e_hat = self.aux_reconstruction(x_in, _cat(aux), dead)
+            e_hat = self.aux_reconstruction(x_in, bias, _cat(aux), dead)
             auxk_loss = self.auxk_loss(e, e_hat, num_dead, total_variance)
         if self.cfg.multi_topk:
             multi_indices, multi_values = _cat_pairs(multi)
-            multi_acts = self.acts_at(x_in, multi_indices, multi_values)
+            multi_acts = self.acts_at(x_in, bias, multi_indices, multi_values)
             multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
-    def aux_reconstruction(self, x_in: mx.array, dead_pre: mx.array, dead: mx.array) -> mx.array:
+    def aux_reconstruction(self, x_in: mx.array, bias: mx.array, dead_pre: mx.array, dead: mx.array) -> mx.array:
         """e_hat = sum over each token's AuxK latents of act * W_dec row (no b_dec), differentiable w.r.t. the
         encoder and decoder. `dead_pre` holds the pre-activations at the dead latents `dead`. Dense matmuls over
         the dead rows when few latents are dead, else the sparse kernels."""
@@ -272,9 +283,9 @@ class SparseCoder(nn.Module):
         chosen = self.gather_chosen(dead_pre, slots)
         if dead.size <= self.aux_dense_max_ratio * slots.shape[-1]:
             dense_acts = mx.put_along_axis(mx.zeros_like(dead_pre), slots, chosen, axis=-1)
-            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, self.encoder.bias, self.W_dec)
+            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
         indices = dead[slots]
-        return sparse_decode(self.acts_at(x_in, indices, chosen), indices, self.W_dec)
+        return sparse_decode(self.acts_at(x_in, bias, indices, chosen), indices, self.W_dec)
 
     def auxk_loss(self, e: mx.array, e_hat: mx.array, num_dead: int | mx.array, total_variance: mx.array) -> mx.array:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,

@@ -80,7 +80,7 @@ def test_quick_mlx_side(tmp_path):
 
 def test_candidates_match_sae_torch():
     """Every alternative kernel in bench/candidates.py computes what sae_torch's primitive of the same role computes
-    (their timings are only worth comparing if so), on a light and on a heavy index set (CSR and COO in sae_torch)."""
+    (their timings are only worth comparing if so), on a light and on a heavy index set (top-k and AuxK-like)."""
     from bench import candidates as C
     from sae_torch.kernels import sparse_rows as sr
 

@@ -7,7 +7,7 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
 
 import sae_mlx.sparse_coder as sc  # noqa: E402
 from parity.compare import compare_with_oracle  # noqa: E402
@@ -343,3 +343,42 @@ def test_chunked_selection_matches_unchunked(case, monkeypatch):
     checks = compare_with_oracle(chunked, ref, oracle_for(case, params), dtype="float32",
                                  activation=case.cfg.activation, k=case.cfg.k, dead_mask=case.dead_mask)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
+
+
+@pytest.mark.parametrize("dead", ["few", "all"])  # dense-subset and sparse AuxK
+def test_input_gradient_and_b_dec_gradient(dead):
+    """b_dec's gradient reaches it through the encoder bias (sparse_encoder_inputs), not through x_in: check it,
+    and the gradient w.r.t. x, against MLX autograd of the same loss written densely over the same selections."""
+    case = make_case(dead=dead, multi_topk=True, seed=12)
+    sae = load_case(case)
+    sae.b_dec = mx.array(np.random.default_rng(0).normal(size=case.d_out).astype(np.float32))
+    x, _, dead_mask = case_inputs(case)
+    params = dict(tree_flatten(sae.trainable_parameters()))
+
+    def coder_loss(params, x):
+        sae.update(tree_unflatten(list(params.items())))
+        out = sae(x, dead_mask=dead_mask)
+        return out.fvu + out.auxk_loss + out.multi_topk_fvu
+
+    pre = sae.pre_acts(sae.encoder_input(x))
+    selections = (sae(x, dead_mask=dead_mask).latent_indices, sae.aux_indices(pre, dead_mask),
+                  sae.multi_topk_indices(pre))
+    num_dead = int(dead_mask.sum())
+    scale = min(num_dead / (case.d_out // 2), 1.0)
+
+    def dense_loss(params, x):
+        pre = mx.maximum((x - params["b_dec"]) @ params["encoder.weight"].T + params["encoder.bias"], 0)
+        decode = lambda idx: (mx.take_along_axis(pre, idx, 1)[..., None] * params["W_dec"][idx]).sum(1)
+        top, aux, multi = selections
+        tv = mx.square(x - x.mean(0)).sum()
+        e = x - (decode(top) + params["b_dec"])
+        return (mx.square(e).sum() + scale * mx.square(decode(aux) - mx.stop_gradient(e)).sum()
+                + mx.square(decode(multi) + params["b_dec"] - x).sum()) / tv
+
+    got = mx.grad(coder_loss, argnums=(0, 1))(params, x)
+    want = mx.grad(dense_loss, argnums=(0, 1))(params, x)
+    pairs = {name: (got[0][name], want[0][name]) for name in params} | {"x": (got[1], want[1])}
+    for name, (g, w) in pairs.items():
+        g, w = np.array(g, dtype=np.float64), np.array(w, dtype=np.float64)
+        assert np.abs(w).max() > 0, name
+        assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max(), name

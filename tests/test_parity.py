@@ -58,7 +58,7 @@ class BDecDoubleCount(SparseCoder):
 class AuxKWithoutEncoderGradient(SparseCoder):
     """sparsify's fused encoder: AuxK reads the pre-activations without a gradient, so it never trains the encoder."""
 
-    def aux_reconstruction(self, x_in, dead_pre, dead):
+    def aux_reconstruction(self, x_in, bias, dead_pre, dead):
         slots = self._aux_slots(dead_pre)
         return sparse_decode(self.gather_chosen(dead_pre, slots), dead[slots], self.W_dec)
 

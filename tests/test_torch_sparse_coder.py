@@ -178,3 +178,44 @@ def test_parity_fixtures_cover_both_auxk_paths():
             k_aux = min(case.d_out // 2, num_dead)
             paths.add("dense" if num_dead <= SparseCoder.aux_dense_max_ratio * k_aux else "sparse")
     assert paths == {"dense", "sparse"}
+
+
+@pytest.mark.parametrize("dead", ["few", "all"])  # dense-subset and sparse AuxK
+def test_input_gradient_and_b_dec_gradient(dead):
+    """b_dec's gradient reaches it through the encoder bias (sparse_encoder_inputs), not through x_in: check it,
+    and the gradient w.r.t. x when the caller asks for one, against plain dense autograd of the same loss."""
+    case = make_case(dead=dead, multi_topk=True, seed=12)
+    sae = SparseCoder(case.d_in, case.cfg, dtype=torch.float64, d_out=case.d_out)
+    sae.load_state_dict({n: torch.from_numpy(v).double() for n, v in case.params.items()})
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.from_numpy(case.x).double().requires_grad_()
+    dead_mask = torch.from_numpy(case.dead_mask)
+    out = sae(x, dead_mask=dead_mask)
+    (out.fvu + out.auxk_loss + out.multi_topk_fvu).backward()
+
+    # the same loss with dense autograd over the same selections
+    params = {n: p.detach().clone().requires_grad_() for n, p in sae.named_parameters()}
+    x_ref = x.detach().clone().requires_grad_()
+    pre = torch.relu((x_ref - params["b_dec"]) @ params["encoder.weight"].T + params["encoder.bias"])
+    idx = out.latent_indices
+    with torch.no_grad():
+        aux_idx = sae.aux_indices(pre, dead_mask)
+        multi_idx = sae.multi_topk_indices(pre)
+
+    def decode(indices):
+        return torch.einsum("nk,nkd->nd", pre.gather(1, indices), params["W_dec"][indices])
+
+    sae_out = decode(idx) + params["b_dec"]
+    tv = (x_ref - x_ref.mean(0)).pow(2).sum()
+    e = x_ref - sae_out
+    num_dead = int(dead_mask.sum())
+    scale = min(num_dead / (case.d_out // 2), 1.0)
+    loss = (e.pow(2).sum() + scale * (decode(aux_idx) - e.detach()).pow(2).sum()
+            + (decode(multi_idx) + params["b_dec"] - x_ref).pow(2).sum()) / tv
+    loss.backward()
+    # float64 parameters, but the coder sums its losses in fp32 (as in training): fp32-level agreement
+    grads = {name: (p.grad, params[name].grad) for name, p in sae.named_parameters()} | {"x": (x.grad, x_ref.grad)}
+    for name, (got, want) in grads.items():
+        assert want.abs().max() > 0, name
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), name

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import warnings
 from types import SimpleNamespace
 
 import torch
@@ -295,20 +294,17 @@ def _csr_by_latent(indices: torch.Tensor, num_rows: int):
     return sorted_vals, order, offsets
 
 
-# Above this many occurrences per latent on average, scatter_outer_reference's COO product beats the token-order CSR.
-_CSR_MAX_MEAN_OCCURRENCES = 16
-
-
 def scatter_outer_reference(
     weights: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, num_rows: int
 ) -> torch.Tensor:
     """``out[m] = sum over (n, j) with indices[n, j] == m of weights[n, j] * rows[n]``.
 
-    Per-latent reduction as a sparse x dense product: S holds weight[n, j] at (n, indices[n, j]) and out = S^T @ rows,
-    in fp32 (float64 for float64 inputs); repeated (n, m) pairs are summed. S is built in token order (CSR, no sort)
-    when latents occur few times on average (top-k), as a COO [num_rows, N] matrix when many (AuxK's k_aux slots),
-    whichever bench/ measured faster. Memory: O(N*k) for S, O(N*d) for the fp32 copy of rows, O(num_rows*d) for the
-    output; never an N*k*d or N*num_rows temporary.
+    Per-latent reduction through aten's embedding_bag dense backward (``_embedding_bag_dense_backward``, mode sum
+    with per-sample weights: it sorts the N*k indices and sums each latent's rows), in fp32 (float64 for float64
+    inputs). Measured by bench/ on CPU (2 cores, d = 768, M = 24576, N = 4096), it beat both sparse-matrix products
+    at every index density: k = 32: 77 ms against 110 (CSR by token, S^T @ rows) and 175 (COO); k = 384: 489
+    against 630 and 1489. Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows, O(num_rows*d) for the output;
+    never an N*k*d or N*num_rows temporary.
     """
     _validate_scatter(weights, indices, rows, num_rows)
     out_dtype = torch.result_type(weights, rows)
@@ -322,16 +318,13 @@ def scatter_outer_reference(
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= num_rows:
         raise IndexError(f"scatter_outer: indices must lie in [0, {num_rows}), got range [{lo}, {hi}]")
-    flat, vals, dense = indices.reshape(-1).long(), weights.reshape(-1).to(acc), rows.to(acc).contiguous()
-    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
-        warnings.simplefilter("ignore", UserWarning)
-        if flat.numel() <= _CSR_MAX_MEAN_OCCURRENCES * num_rows:
-            crow = torch.arange(0, n * k + 1, k, device=rows.device)
-            s = torch.sparse_csr_tensor(crow, flat, vals, (n, num_rows), check_invariants=False)
-            return (s.t() @ dense).to(out_dtype)
-        tokens = torch.arange(n, device=rows.device).repeat_interleave(k)
-        s = torch.sparse_coo_tensor(torch.stack([flat, tokens]), vals, (num_rows, n), check_invariants=False)
-        return torch.sparse.mm(s, dense).to(out_dtype)
+    offset2bag = torch.arange(n, device=rows.device).repeat_interleave(k)
+    bag_size = torch.full((n,), k, dtype=torch.long, device=rows.device)
+    no_max_indices = torch.empty(0, dtype=torch.long, device=rows.device)
+    out = torch.ops.aten._embedding_bag_dense_backward(
+        rows.to(acc).contiguous(), indices.reshape(-1).long(), offset2bag, bag_size, no_max_indices, num_rows,
+        False, 0, weights.reshape(-1).to(acc).contiguous(), -1)  # no freq scaling, mode sum, no padding index
+    return out.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
