@@ -66,6 +66,10 @@ def parse_args(argv=None):
                    help="OMP_WAIT_POLICY for the workers [PASSIVE: OpenMP's default spin-waiting makes each small "
                         "parallel op (a 131k-element sort: 5 ms -> 280 ms) crawl when the cores are shared with "
                         "other processes; '' leaves the environment as it is]")
+    p.add_argument("--thp", action="store_true",
+                   help="run the workers with THP_MEM_ALLOC_ENABLE=1 (torch backs allocations of 2 MB and more with "
+                        "transparent huge pages: far fewer page faults for fresh large tensors; every side gets it, "
+                        "as `sae train` sets it for itself on Linux) [off: the default environment]")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     p.add_argument("--no-auxk-off", action="store_true", help="skip the AuxK-off peak-memory comparison")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
@@ -166,6 +170,8 @@ def main(argv=None) -> int:
     common = {"device": device, "threads": a.threads}
     if a.omp_wait_policy:
         WORKER_ENV["OMP_WAIT_POLICY"] = a.omp_wait_policy
+    if a.thp:
+        WORKER_ENV["THP_MEM_ALLOC_ENABLE"] = "1"
 
     results = {"environment": describe_environment(device), "settings": {
         "warmup": warmup, "reps": reps, "sides": sides, "quick": a.quick, "argv": sys.argv[1:] if argv is None

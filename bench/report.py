@@ -57,6 +57,9 @@ def markdown(results: dict, target: dict) -> str:
              f"projection/renormalisation; AuxK on (auxk_alpha 1/32, dead mask = seeded random subset); "
              f"{'bf16 autocast' if cuda else 'fp32'}; {s['warmup']} warm-up step(s), median of {s['reps']} timed "
              f"steps; torch sides interleaved in one process (rotating order)  ")
+    if s.get("worker_env"):
+        L.append(f"- **Worker environment** (same for every side): "
+                 f"{', '.join(f'{k}={v}' for k, v in s['worker_env'].items())}  ")
     if s.get("quick"):
         L.append("- **--quick run: a tiny config to check that everything runs; the numbers mean nothing.**  ")
     for n in results["notes"]:

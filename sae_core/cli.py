@@ -313,6 +313,10 @@ def _delegate(command: str, argv: list[str]) -> int:
 def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch's first matmul: see sae_torch/trainer.py
+    # torch reads this at its first CPU allocation: tensors of 2 MB and more get transparent huge pages, so a fresh
+    # [N, M] pre-activation tensor costs ~700 page faults instead of ~98k (a 14% faster CPU training step, measured
+    # by bench/ --thp). Linux only; harmless elsewhere.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         if argv and argv[0] in ("convert", "parity"):
             return _delegate(argv[0], argv[1:])
