@@ -48,7 +48,7 @@ def parse_args(argv=None):
                    help="fraction of latents marked dead, so AuxK runs with k_aux = min(d_in/2, #dead) [0.05]")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side [cpu 1, cuda 3]")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side; the median is reported "
-                                                          "[cpu 3, cuda 20]")
+                                                          "[cpu 5, cuda 20]")
     p.add_argument("--sides", default=",".join(SIDES),
                    help=f"torch sides to run, comma-separated, from {','.join(SIDES)} [{','.join(SIDES)}]; "
                         "sparsify is skipped with a note when it is not importable")
@@ -153,8 +153,8 @@ def main(argv=None) -> int:
         grid = [BenchConfig(d_in=d, k=k, n_tokens=a.tokens, expansion=a.expansion, dead_frac=a.dead_frac)
                 for d in d_ins for k in ks]
         warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
-        # CPU 3: the default grid is meant to finish within 10 minutes on an idle 2-core machine (bench/README.md)
-        reps = a.reps if a.reps is not None else (20 if cuda else 3)
+        # CPU 5: the default grid then takes about 4-5 minutes on an idle 2-core machine (bench/README.md)
+        reps = a.reps if a.reps is not None else (20 if cuda else 5)
     out_dir = Path(a.out) if a.out else REPO / "bench" / "results" / ("quick" if a.quick else device.split(":")[0])
     out_dir.mkdir(parents=True, exist_ok=True)
 
