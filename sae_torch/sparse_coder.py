@@ -45,9 +45,9 @@ class SparseCoder(nn.Module):
     # AuxK runs as dense GEMMs over the dead latents' rows (`subset_decode`) when there are at most this many
     # times k_aux dead latents, else through the sparse kernels. Measured on CPU (2 cores, d_in 768, 4096 tokens,
     # k_aux 384; AuxK forward + backward, sparse / dense time): 4.3x at 1 k_aux dead, 1.8x at 3.2, 1.5x at 8,
-    # 1.4x at 16, 1.07x at 32. Past 8 the gain is small while the [N, #dead] matrix keeps growing (at 8 it is
-    # [N, 4 d_out]). The parity fixtures' all-dead case (11 k_aux) keeps the sparse path covered. An instance may
-    # set it (0: always sparse).
+    # 1.4x at 16, 1.07x at 32. Past 8 the [N, #dead] matrix keeps growing (at 8 it is [N, 4 d_out]) for a gain
+    # that fades by 32. The parity fixtures' all-dead case (11 k_aux) keeps the sparse path covered. An instance
+    # may set it (0: always sparse).
     aux_dense_max_ratio: float = 8.0
 
     def __init__(self, d_in: int, cfg: SparseCoderConfig, device: str | torch.device = "cpu",
