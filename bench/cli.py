@@ -77,8 +77,9 @@ def parse_args(argv=None):
                    help="d_in,k of the kernel micro-benchmark [768,32; with --quick the quick config]")
     p.add_argument("--candidates", action="store_true",
                    help="CPU only: also time the alternative kernels of bench/candidates.py against sae_torch's "
-                        "gather_dot / scatter_outer (off by default: at d_in=768 on 2 cores it adds minutes, the "
-                        "old gather + bmm and sparsify's index_add_ way taking seconds per call on the AuxK set)")
+                        "gather_dot / scatter_outer (off by default: at d_in=768 on 2 cores it added ~35 s near idle, "
+                        "minutes under load: the old gather + bmm and sparsify's index_add_ way take seconds per call "
+                        "on the AuxK set)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in the workers [torch's default]")
     p.add_argument("--timeout", type=int, default=900, help="seconds per worker before it is abandoned [900]")
     p.add_argument("--quick", action="store_true",

@@ -153,9 +153,9 @@ class SparseCoder(nn.Module):
         pre_acts = self.pre_acts(x_in)
         top_indices = self.select_indices(pre_acts)
         top_acts = self.acts_at(x_in, bias, top_indices, self.gather_chosen(pre_acts, top_indices))
-        num_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
+        num_dead = 0 if dead is None else len(dead)
         if num_dead:
-            dead = dead_mask.nonzero().squeeze(-1)
             e_hat = self.aux_reconstruction(x_in, bias, pre_acts.index_select(-1, dead), dead)
         if self.cfg.multi_topk:
             multi_indices = self.multi_topk_indices(pre_acts)

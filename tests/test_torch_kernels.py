@@ -670,8 +670,6 @@ def test_kernels_compile_for_sm90():
 # ---- row_subset: AuxK over the dead rows with dense GEMMs, against plain autograd ----
 
 def _subset_inputs(dtype, seed=0, n=29, d_in=13, d_out=11, m=40, rows=9, per_token=4):
-    from sae_torch.kernels.row_subset import subset_decode  # noqa: F401  (import checked here too)
-
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d_in, generator=g).to(dtype)
     w_enc = (torch.randn(m, d_in, generator=g) / d_in**0.5).to(dtype)

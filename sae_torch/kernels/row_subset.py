@@ -13,7 +13,7 @@ is one GEMM; its backward is four more over the |D| rows of W_enc and W_dec, whi
 A is relu(x W_enc[D]^T + b_enc[D]) at the chosen slots, so d_pre is its gradient (relu'(0) = 0, and zero outside
 the slots). This is the same loss and the same gradients as ``sparse_decode(acts_at(x, indices))`` with k_aux
 slots per token, but GEMMs beat per-slot gathers and scatters by far when |D| is a few times k_aux (CPU,
-d_in = 768, |D| = 1229, k_aux = 384: the whole AuxK backward 1.6 s against 4.6 s with the sparse kernels; see
+d_in = 768, |D| = 1229, k_aux = 384: the whole AuxK backward 486 ms against 1095 ms with the sparse kernels; see
 bench/README.md). The caller picks the path (``SparseCoder.aux_reconstruction``).
 
 ``subset_decode_reference`` is the same function written with plain autograd (it recomputes the pre-activations
