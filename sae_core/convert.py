@@ -8,9 +8,9 @@ SRC is one hookpoint folder or a run folder of them; the format of each is detec
 re-saves (e.g. to change the dtype). NumPy + safetensors only: no torch, no MLX, no sae_lens.
 
 Proof: every converted hookpoint is written, read back from disk, and evaluated in float64 next to the source on a
-seeded batch built to activate many latents: the source with its own format's forward (ours: SPEC section 2,
-the same math as `parity.oracle.evaluate`; SAELens: `saelens.SaeLensReference`, written from SAELens's code),
-the output with its format's. The dense ReLU pre-activations, the selection (the output's choice must be a valid
+seeded batch built to activate many latents: the source with its own format's forward (ours: `sae_core.reference`,
+the same code as the parity oracle's; SAELens: `saelens.SaeLensReference`, written from SAELens's code), the output
+with its format's. The dense ReLU pre-activations, the selection (the output's choice must be a valid
 top-k / groupmax choice on the source's values, and the index sets must agree among entries clearly > 0 away from
 near-ties), the latent values and the reconstruction must agree within max|diff| <= tol * max|ref|, with
 tol = 1e-4 when source and output are fp32/fp64 and 2e-2 when either is bf16 or fp16. Only then does the output
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import saelens
+from .reference import SparseCoderReference, select_indices, selection_boundary
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, save_checkpoint_numpy, write_text_atomic
 from .config import SparseCoderConfig
 from .errors import CheckpointError, UserError
@@ -137,57 +138,7 @@ def _tl_hook_name(hookpoint: str) -> str:
     return hookpoint
 
 
-# ---- float64 forwards used for the proof ----
-
-class OursReference:
-    """SPEC section 2 in float64 (inference part; the same math as parity.oracle.evaluate), chunked over latents so
-    that a full-size checkpoint does not need a float64 copy of its weights."""
-
-    def __init__(self, cfg: SparseCoderConfig, tensors: dict[str, np.ndarray], chunk: int = 8192):
-        self.cfg, self.t, self.chunk = cfg, tensors, chunk
-        self.activation, self.k = cfg.activation, cfg.k
-        self.num_latents = tensors["encoder.weight"].shape[0]
-
-    def encoder_directions(self, idx):
-        return self.t["encoder.weight"][idx].astype(np.float64)
-
-    def input_center(self):
-        return np.zeros(self.t["encoder.weight"].shape[1]) if self.cfg.transcode else self.t["b_dec"].astype(np.float64)
-
-    def pre_acts(self, x):
-        x_in = x if self.cfg.transcode else x - self.t["b_dec"].astype(np.float64)
-        pre = np.empty((len(x), self.num_latents))
-        for start in range(0, self.num_latents, self.chunk):
-            sl = slice(start, start + self.chunk)
-            pre[:, sl] = x_in @ self.t["encoder.weight"][sl].astype(np.float64).T + self.t["encoder.bias"][sl]
-        return np.maximum(pre, 0.0)
-
-    def decode(self, x, indices, acts):
-        w_dec = self.t["W_dec"]
-        out = np.empty((len(x), w_dec.shape[1]))
-        for n in range(len(x)):
-            out[n] = acts[n] @ w_dec[indices[n]].astype(np.float64)
-        out += self.t["b_dec"].astype(np.float64)
-        if "W_skip" in self.t:
-            out += x @ self.t["W_skip"].astype(np.float64).T
-        return out
-
-
-def select(pre: np.ndarray, activation: str, k: int) -> np.ndarray:
-    if activation == "groupmax":
-        n, m = pre.shape
-        return pre.reshape(n, k, m // k).argmax(axis=-1) + np.arange(k) * (m // k)
-    return np.argpartition(-pre, k - 1, axis=1)[:, :k]
-
-
-def _boundary(pre: np.ndarray, activation: str, k: int) -> np.ndarray:
-    """Per entry, the value it must reach to be selected: the row's k-th largest (topk) or its group's max."""
-    n, m = pre.shape
-    if activation == "groupmax":
-        return np.repeat(pre.reshape(n, k, m // k).max(axis=-1), m // k, axis=1)
-    kth = -np.partition(-pre, k - 1, axis=1)[:, k - 1]
-    return np.broadcast_to(kth[:, None], pre.shape)
-
+# ---- the proof ----
 
 def _selected_mask(indices: np.ndarray, m: int) -> np.ndarray:
     mask = np.zeros((len(indices), m), dtype=bool)
@@ -236,9 +187,9 @@ def verify(src_ref, out_ref, d_in: int, low_precision: bool, seed: int = 0, wher
 
     check("pre_acts", pre_s, pre_o)
     tol_abs = tol * max(np.abs(pre_s).max(), 1e-30)
-    idx_s, idx_o = select(pre_s, activation, k), select(pre_o, activation, k)
+    idx_s, idx_o = select_indices(pre_s, activation, k), select_indices(pre_o, activation, k)
     # the output's selection must be a valid one for the source's values ...
-    bound = _boundary(pre_s, activation, k)
+    bound = selection_boundary(pre_s, activation, k)
     chosen_o = np.take_along_axis(pre_s, idx_o, axis=1)
     if (chosen_o < np.take_along_axis(bound, idx_o, axis=1) - 2 * tol_abs).any():
         raise VerificationError(f"{where}: verification failed: the converted checkpoint selects latents the source "
@@ -309,7 +260,7 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
     if fmt == "sparsify":
         cfg, d_in, d_out, tensors = load_checkpoint_numpy(folder)
         extras = _read_sparsify_extras(folder)
-        src_ref, stored = OursReference(cfg, tensors), tensors
+        src_ref, stored = SparseCoderReference(cfg, tensors), tensors
         notes = []
     else:
         ck = saelens.read_saelens(folder)
@@ -344,7 +295,7 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
     if do_verify:
         if to == "sparsify":
             cfg2, _, _, written = load_checkpoint_numpy(out)
-            out_ref, written_dtypes = OursReference(cfg2, written), {_dtype_name(t) for t in written.values()}
+            out_ref, written_dtypes = SparseCoderReference(cfg2, written), {_dtype_name(t) for t in written.values()}
         else:
             ck2 = saelens.read_saelens(out)
             out_ref, written_dtypes = saelens.SaeLensReference(ck2), {_dtype_name(t) for t in ck2.tensors.values()}

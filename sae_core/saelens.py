@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import reference
 from .checkpoint import FLOAT_DTYPES, load_safetensors_numpy, read_header, save_safetensors_numpy, write_text_atomic
 from .config import SparseCoderConfig
 from .errors import CheckpointError, UserError
@@ -84,8 +85,6 @@ REFUSED = {
     "matching_pursuit": "a matching-pursuit SAE (iterative residual encoding); ours are TopK",
 }
 
-_DTYPE_NAMES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
-
 
 @dataclass
 class SaeLensCheckpoint:
@@ -106,10 +105,6 @@ class SaeLensCheckpoint:
     @property
     def skip(self) -> bool:
         return "W_skip" in self.tensors
-
-
-def is_saelens_folder(folder: Path) -> bool:
-    return (Path(folder) / WEIGHTS_FILE).is_file()
 
 
 def _bool(cfg: dict, key: str, default: bool, where: str) -> bool:
@@ -351,10 +346,6 @@ def write_saelens(folder: Path, cfg: dict, tensors: dict[str, np.ndarray]) -> No
     write_text_atomic(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
 
 
-def saelens_dtype_name(safetensors_dtype: str) -> str:
-    return _DTYPE_NAMES[safetensors_dtype]
-
-
 # ---- SAELens's forward in float64 (the reference the conversion is checked against) ----
 
 class SaeLensReference:
@@ -381,26 +372,18 @@ class SaeLensReference:
 
     def pre_acts(self, x: np.ndarray) -> np.ndarray:
         t = self.ck.tensors
+        x = np.asarray(x, dtype=np.float64)
         x_in = x - t["b_dec"].astype(np.float64) if self.ck.apply_b_dec_to_input else x
-        pre = np.empty((len(x), self.num_latents))
-        for start in range(0, self.num_latents, self.chunk):
-            sl = slice(start, start + self.chunk)
-            pre[:, sl] = x_in @ t["W_enc"][:, sl].astype(np.float64) + t["b_enc"][sl].astype(np.float64)
+        pre = reference.pre_activations(x_in, t["W_enc"].T, t["b_enc"], self.chunk)  # W_enc is [d_in, d_sae]
         if self.norms is not None:
-            pre *= self.norms
-        return np.maximum(pre, 0.0)
+            pre *= self.norms  # relu commutes with the positive decoder norms
+        return pre
 
     def decode(self, x: np.ndarray, indices: np.ndarray, acts: np.ndarray) -> np.ndarray:
         t = self.ck.tensors
-        w_dec = t["W_dec"]
-        out = np.empty((len(x), self.ck.d_out))
-        for n in range(len(x)):
-            a = acts[n] / self.norms[indices[n]] if self.norms is not None else acts[n]
-            out[n] = a @ w_dec[indices[n]].astype(np.float64)
-        out += t["b_dec"].astype(np.float64)
-        if self.ck.skip:
-            out += x @ t["W_skip"].astype(np.float64).T
-        return out
+        if self.norms is not None:
+            acts = acts / self.norms[indices]
+        return reference.reconstruct(x, acts, indices, t["W_dec"], t["b_dec"], t.get("W_skip"))
 
 
 # ---- making SAELens itself load our TopK transcoders ----

@@ -26,6 +26,7 @@ from sae_core import convert as conv
 from sae_core import saelens
 from sae_core.checkpoint import load_checkpoint_numpy, load_safetensors_numpy, read_header, save_safetensors_numpy
 from sae_core.errors import CheckpointError, UserError
+from sae_core.reference import SparseCoderReference, select_indices
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "data" / "convert" / "saelens_probe.py"
@@ -121,13 +122,13 @@ def native_saelens(folder: Path, *, architecture="topk", d_in=23, d_sae=120, k=6
 
 
 def test_module_reference_matches_oracle():
-    """convert's own float64 forward (used for every proof) is SPEC section 2, as the oracle computes it."""
+    """The float64 forward that proves every conversion is the oracle's (one reference, chunked over latents)."""
     for kw in (dict(activation="groupmax"), dict(transcode=True, skip_connection=True), dict()):
         c = make_case(**kw)
-        ref = conv.OursReference(c.cfg, c.params, chunk=50)
+        ref = SparseCoderReference(c.cfg, c.params, chunk=50)
         x = conv.make_batch(ref, c.d_in)
         pre = ref.pre_acts(x)
-        idx = conv.select(pre, c.cfg.activation, c.cfg.k)
+        idx = select_indices(pre, c.cfg.activation, c.cfg.k)
         res = evaluate(c.params, x, _target(x, c.params), activation=c.cfg.activation, k=c.cfg.k,
                        transcode=c.cfg.transcode, selection=Selection(idx), grads=False)
         np.testing.assert_allclose(pre, res.pre_acts, rtol=1e-12, atol=1e-12)
