@@ -1,9 +1,10 @@
 """`sae convert`: move a checkpoint between sparsify's layout (ours) and SAELens's, proven on every conversion.
 
     sae convert SRC DST --to sparsify|saelens [--dtype fp32|bf16|fp16] [--hookpoint NAME ...] [--no-verify]
-                        [--overwrite]
+                        [--overwrite] [--revision REV]
 
-SRC is one hookpoint folder or a run folder of them; the format of each is detected from its files (sparsify:
+SRC is one hookpoint folder, a run folder of them, or a Hugging Face Hub repo of them (`sae_core.hub`: only the
+--hookpoint folders are downloaded, at --revision); the format of each is detected from its files (sparsify:
 `cfg.json` + `sae.safetensors`; SAELens: `cfg.json` + `sae_weights.safetensors`). Converting into the same format
 re-saves (e.g. to change the dtype). NumPy + safetensors only: no torch, no MLX, no sae_lens.
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import saelens
+from . import hub, saelens
 from .reference import SparseCoderReference, select_indices, selection_boundary
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, save_checkpoint_numpy, write_text_atomic
 from .config import SparseCoderConfig
@@ -325,8 +326,11 @@ def _is_within(path: Path, other: Path) -> bool:
 
 
 def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, hookpoint=None, *,
-            overwrite: bool = False, seed: int = 0) -> list[HookpointReport]:
+            overwrite: bool = False, seed: int = 0, revision: str | None = None) -> list[HookpointReport]:
     """Convert a hookpoint folder or a run folder `src` into format `to` ("sparsify" or "saelens") at `dst`.
+
+    `src` may also be a Hugging Face Hub repo name (a string that is no existing folder): then only the `hookpoint`
+    folders (all when None) and the run's config.json are downloaded, at `revision` (see `sae_core.hub`).
 
     `dtype` ("fp32", "bf16", "fp16"; None keeps the source's), `hookpoint` (a name or a list: only these folders of a
     run folder), `verify` (prove each output from disk against the source; see the module docstring), `overwrite`
@@ -337,6 +341,10 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
     if to not in FORMATS:
         raise UserError(f"unknown target format {to!r}: choose one of {', '.join(FORMATS)}")
     dtype = _normalise_dtype(dtype)
+    if not hub.is_local(src):
+        wanted = [hookpoint] if isinstance(hookpoint, str) else (list(hookpoint) if hookpoint else None)
+        src = hub.resolve_source(str(src), wanted, revision=revision,
+                                 weights_files=(WEIGHTS_FILE, saelens.WEIGHTS_FILE), extra_files=("config.json",))
     src, dst = Path(src), Path(dst)
     is_run, items = find_hookpoints(src, hookpoint)
     src_abs, dst_abs = src.resolve(), dst.resolve()
@@ -410,11 +418,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "  sae convert runs/smollm2 out/smollm2-saelens --to saelens\n"
         "  sae convert runs/smollm2 out/one --to saelens --hookpoint layers.6 --dtype bf16\n"
         "  sae convert my-saelens-sae runs/imported/layers.6 --to sparsify\n"
+        "  sae convert EleutherAI/sae-llama-3-8b-32x out/llama --to saelens --hookpoint layers.10\n"
         + textwrap.fill("TopK transcoders are written to SAELens as architecture 'topk_transcoder' / "
                         "'topk_skip_transcoder' (SAELens has only ReLU transcoders); call "
                         "sae_core.saelens.register_with_sae_lens() before SAE.load_from_disk.", width=79))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", metavar="SRC", help="a hookpoint folder, or a run folder whose subfolders are hookpoints")
+    parser.add_argument("src", metavar="SRC", help="a hookpoint folder, a run folder whose subfolders are hookpoints, or "
+                                                   "a Hugging Face Hub repo of them (e.g. EleutherAI/sae-llama-3-8b-32x)")
     parser.add_argument("dst", metavar="DST", help="where to write (must not exist or be empty, unless --overwrite); "
                                                    "a run folder in gives a run folder out")
     parser.add_argument("--to", required=True, choices=FORMATS, help="target format")
@@ -425,13 +435,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the numerical check of the written output against the source")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST (atomically)")
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="with a hub name: the branch, tag or commit to read [default: main]")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         reports = convert(args.src, args.dst, to=args.to, dtype=args.dtype, verify=args.verify,
-                          hookpoint=args.hookpoint, overwrite=args.overwrite)
+                          hookpoint=args.hookpoint, overwrite=args.overwrite, revision=args.revision)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
