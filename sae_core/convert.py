@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from . import hub, saelens
 from .reference import SparseCoderReference, select_indices, selection_boundary
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, save_checkpoint_numpy, write_text_atomic
 from .config import SparseCoderConfig
+from .train_config import BUILTIN_MODEL
 from .errors import CheckpointError, UserError
 
 FORMATS = ("sparsify", "saelens")
@@ -45,6 +45,7 @@ DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "f32": "float32",
                  "bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp16": "float16", "float16": "float16", "f16": "float16", "half": "float16"}
 LOW_PRECISION = ("bfloat16", "float16")
+BUILTIN_MODEL_HF = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOLERANCE = {False: 1e-4, True: 2e-2}  # max|diff| / max|ref|: fp32 (or wider) / bf16 or fp16 involved
 BATCH_SIZE = 64
 
@@ -120,23 +121,23 @@ def find_hookpoints(src: Path, hookpoint=None) -> tuple[bool, list[tuple[str, Pa
     return True, [(name, src / name) for name in names]
 
 
-def _model_name(run_folder: Path) -> str | None:
-    path = Path(run_folder) / "config.json"  # sparsify's training config beside the hookpoint folders
-    try:
-        model = json.loads(path.read_text()).get("model") if path.is_file() else None
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return model if isinstance(model, str) else None
-
-
-def _tl_hook_name(hookpoint: str) -> str:
-    """TransformerLens's name for a sparsify hookpoint where it is unambiguous (as SAELens's sparsify loader maps it)."""
-    match = re.fullmatch(r"(?:model\.)?layers[._](\d+)", hookpoint)
-    if match:
-        return f"blocks.{match.group(1)}.hook_resid_post"
-    if hookpoint in ("embed_tokens", "model.embed_tokens"):
-        return "hook_embed"
-    return hookpoint
+def _run_info(run_folder: Path) -> dict:
+    """What a run folder says about its training: {model, dataset, ctx_len} from sparsify's config.json, or from the
+    train_config in our state.json; {} when neither is there."""
+    for name, key in (("config.json", None), ("state.json", "train_config")):
+        path = Path(run_folder) / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and key is not None:
+            data = data.get(key)
+        if isinstance(data, dict):
+            info = {k: data[k] for k in ("model", "dataset", "ctx_len") if k in data}
+            if info.get("model") == BUILTIN_MODEL:
+                info["model"] = BUILTIN_MODEL_HF  # the built-in model is this hub model, converted offline
+            return info
+    return {}
 
 
 # ---- the proof ----
@@ -255,7 +256,7 @@ def _read_sparsify_extras(folder: Path) -> dict:
 
 
 def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None, do_verify: bool,
-                 model_name: str | None, seed: int) -> HookpointReport:
+                 run_info: dict, seed: int) -> HookpointReport:
     fmt = detect_format(folder)
     where = str(folder)
     if fmt == "sparsify":
@@ -270,6 +271,11 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
         notes = list(extras["saelens"].get("conversion_notes", []))
         if ck.reshape_activations == "hook_z":
             notes.append("reshape_activations='hook_z': feed inputs flattened to [..., n_heads * d_head]")
+        hookpoint = saelens.sparsify_hookpoint(ck.metadata, ck.architecture != saelens.TOPK)
+        hook = ck.metadata.get("hook_name")
+        if to == "sparsify":
+            notes.append(f"hookpoint {hookpoint} (from hook_name {hook})" if hookpoint is not None else
+                         f"no sparsify hookpoint for hook_name {hook!r}: name the folder after the module yourself")
     target_dtype = dtype or _source_dtype(stored)
     tensors = _cast(tensors, target_dtype, where)
     report = HookpointReport(name, fmt, to, target_dtype, out, notes=notes)
@@ -286,8 +292,8 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
             metadata = dict(previous.get("metadata") or {})
             reshape = previous.get("reshape_activations", "none")
         else:
-            metadata = {"model_name": model_name, "hook_name": _tl_hook_name(name), "sparsify_hookpoint": name,
-                        "converted_by": "sae_core.convert"}
+            metadata, hook_notes = saelens.export_metadata(name, cfg.transcode, run_info)
+            report.notes.extend(hook_notes)
             reshape = "none"
         sl_cfg, sl_tensors = saelens.ours_to_saelens(cfg, d_in, d_out, tensors, metadata=metadata,
                                                      reshape_activations=reshape, where=where)
@@ -307,6 +313,23 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
 
 
 # ---- the whole conversion ----
+
+def _output_names(items: list[tuple[str, Path]], to: str) -> dict[str, str]:
+    """Folder names of a converted run: SAELens coders imported into sparsify's layout are named by their sparsify
+    hookpoint (blocks.3.hook_resid_post -> layers.3: what load_many and `sae eval` hook), where every one maps and
+    the names stay distinct; otherwise (and in every other direction) the source's folder names are kept."""
+    if to != "sparsify":
+        return {}
+    mapped = {}
+    for name, folder in items:
+        if detect_format(folder) != "saelens":
+            return {}
+        hookpoint = saelens.read_hookpoint(folder)
+        if hookpoint is None:
+            return {}
+        mapped[name] = hookpoint
+    return mapped if len(set(mapped.values())) == len(mapped) else {}
+
 
 def _normalise_dtype(dtype):
     if dtype is None:
@@ -355,7 +378,7 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
             raise UserError(f"{dst}: exists and is not a folder")
         if any(dst.iterdir()) and not overwrite:
             raise UserError(f"{dst}: exists and is not empty; choose a new destination or pass --overwrite")
-    model_name = _model_name(src if is_run else src.parent)
+    run_info = _run_info(src if is_run else src.parent)
 
     created = []
     parent = dst_abs.parent
@@ -370,9 +393,10 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
         reports = []
+        out_names = _output_names(items, to) if is_run else {}
         for name, folder in items:
-            out = staging / name if is_run else staging
-            reports.append(_convert_one(name, folder, out, to, dtype, verify, model_name, seed))
+            out = staging / out_names.get(name, name) if is_run else staging
+            reports.append(_convert_one(name, folder, out, to, dtype, verify, run_info, seed))
         if is_run and (src / "config.json").is_file():
             shutil.copy2(src / "config.json", staging / "config.json")  # sparsify's run config, informational
         if dst_abs.exists():
@@ -399,7 +423,7 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     for report in reports:
-        report.path = dst_abs / report.name if is_run else dst_abs
+        report.path = dst_abs / out_names.get(report.name, report.name) if is_run else dst_abs
     return reports
 
 

@@ -300,6 +300,136 @@ def _major(version) -> int | None:
     return int(match.group()) if match else None
 
 
+# ---- hook names: sparsify's module paths <-> TransformerLens's hook names ----
+
+# A sparsify hookpoint is a module path inside the HF base model: `layers.N` (Llama, Qwen, Gemma, Mistral, SmolLM,
+# Pythia), `h.N` (GPT-2), with `.mlp` or the attention module (`self_attn`, `attn`, `attention`) below it. An
+# autoencoder reads the module's output; a transcoder reads its input and predicts its output.
+_LAYER_PATH = re.compile(r"(?:model\.|transformer\.|gpt_neox\.)?(?P<stack>layers|h)[._](?P<n>\d+)"
+                         r"(?:\.(?P<sub>mlp|self_attn|attn|attention))?")
+_EMBEDDINGS = ("embed_tokens", "model.embed_tokens", "wte", "transformer.wte", "embed_in", "gpt_neox.embed_in")
+NORM_CAVEAT = ("TransformerLens's {hook} is the normalised input before the {norm} norm's own weight (and bias) "
+               "are applied, but the transcoder was trained on the module's actual input, after them: at that hook "
+               "it is exact only where that weight is all ones (and the bias zero); otherwise fold them into W_enc "
+               "and b_enc (and W_skip) first")
+
+
+def transformer_lens_hooks(hookpoint: str, transcode: bool) -> tuple[str, str | None, str | None] | None:
+    """(hook_name, hook_name_out or None, caveat or None) in TransformerLens's vocabulary for a sparsify hookpoint;
+    None where TransformerLens has no hook for it. Autoencoders: layers.N -> blocks.N.hook_resid_post, layers.N.mlp
+    -> blocks.N.hook_mlp_out, layers.N.self_attn -> blocks.N.hook_attn_out, embed_tokens -> hook_embed.
+    Transcoders (input -> output): layers.N -> hook_resid_pre -> hook_resid_post, layers.N.mlp ->
+    ln2.hook_normalized -> hook_mlp_out, layers.N.self_attn -> ln1.hook_normalized -> hook_attn_out."""
+    if hookpoint in _EMBEDDINGS:
+        return None if transcode else ("hook_embed", None, None)
+    match = _LAYER_PATH.fullmatch(hookpoint)
+    if match is None:
+        return None
+    n, sub = int(match["n"]), match["sub"]
+    kind = "resid" if sub is None else ("mlp" if sub == "mlp" else "attn")
+    out = {"resid": f"blocks.{n}.hook_resid_post", "mlp": f"blocks.{n}.hook_mlp_out",
+           "attn": f"blocks.{n}.hook_attn_out"}[kind]
+    if not transcode:
+        return out, None, None
+    if kind == "resid":
+        return f"blocks.{n}.hook_resid_pre", out, None
+    norm = "ln2" if kind == "mlp" else "ln1"
+    hook = f"blocks.{n}.{norm}.hook_normalized"
+    return hook, out, NORM_CAVEAT.format(hook=hook, norm=norm)
+
+
+def _naming(model_name) -> tuple[str, str, str]:
+    """(layer stack, attention module, embedding module) of sparsify's hookpoints for a model family."""
+    name = model_name.lower() if isinstance(model_name, str) else ""
+    if "gpt2" in name or "gpt-2" in name:
+        return "h", "attn", "wte"
+    if "pythia" in name or "neox" in name:
+        return "layers", "attention", "embed_in"
+    return "layers", "self_attn", "embed_tokens"
+
+
+_TL_HOOK = re.compile(r"blocks\.(?P<n>\d+)\.(?P<hook>hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out|"
+                      r"ln2\.hook_normalized|ln1\.hook_normalized)")
+
+
+def sparsify_hookpoint(metadata: dict, transcoder: bool) -> str | None:
+    """The reverse of `transformer_lens_hooks`: the sparsify hookpoint (the HF module path, named as the model family
+    in `model_name` names its modules) of a SAELens coder's metadata; None where there is none (a head index, an
+    unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"]) comes back as it was."""
+    saved = metadata.get("sparsify_hookpoint")
+    if isinstance(saved, str) and saved:
+        return saved
+    if metadata.get("hook_head_index") is not None:
+        return None
+    stack, attn, embed = _naming(metadata.get("model_name"))
+    hook, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
+    if not isinstance(hook, str):
+        return None
+    if hook == "hook_embed" and not transcoder:
+        return embed
+    match = _TL_HOOK.fullmatch(hook)
+    if match is None:
+        return None
+    n, kind = int(match["n"]), match["hook"]
+    if not transcoder:
+        if kind == "hook_resid_pre":
+            return f"{stack}.{n - 1}" if n > 0 else None  # block 0's input is the embedding (plus positions)
+        return {"hook_resid_post": f"{stack}.{n}", "hook_mlp_out": f"{stack}.{n}.mlp",
+                "hook_attn_out": f"{stack}.{n}.{attn}"}.get(kind)
+    expected_out = {"hook_resid_pre": f"blocks.{n}.hook_resid_post", "ln2.hook_normalized": f"blocks.{n}.hook_mlp_out",
+                    "ln1.hook_normalized": f"blocks.{n}.hook_attn_out"}.get(kind)
+    if expected_out is None or hook_out != expected_out:
+        return None
+    return {"hook_resid_pre": f"{stack}.{n}", "ln2.hook_normalized": f"{stack}.{n}.mlp",
+            "ln1.hook_normalized": f"{stack}.{n}.{attn}"}[kind]
+
+
+def read_hookpoint(folder: Path) -> str | None:
+    """The sparsify hookpoint of a SAELens folder from its cfg.json alone (None where it has none or cannot be read;
+    `read_saelens` reports a bad folder)."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        cfg = _normalise_config(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, CheckpointError):
+        return None
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    return sparsify_hookpoint(metadata, cfg.get("architecture") not in (None, TOPK, "standard"))
+
+
+def export_metadata(hookpoint: str, transcode: bool, run: dict) -> tuple[dict, list[str]]:
+    """(SAELens metadata, notes) for our coder at `hookpoint`; `run` holds what the run folder says about training
+    (model, dataset, ctx_len: sparsify's config.json or our state.json). SAELens reads `hook_name` (and
+    `hook_name_out` for transcoders) to attach the coder, `model_name`/`model_class_name` to load the model."""
+    hooks = transformer_lens_hooks(hookpoint, transcode)
+    notes = []
+    meta = {"model_name": run.get("model"), "hook_head_index": None}
+    if hooks is not None:
+        hook, hook_out, caveat = hooks
+        meta.update(hook_name=hook, model_class_name="HookedTransformer")
+        notes.append(f"hook_name {hook}" + (f" -> hook_name_out {hook_out}" if hook_out else ""))
+        if caveat:
+            notes.append(caveat)
+    else:
+        hook, hook_out = hookpoint, (hookpoint if transcode else None)
+        meta["hook_name"] = hook
+        notes.append(f"TransformerLens has no hook for {hookpoint!r}: hook_name is sparsify's module path")
+    if transcode:
+        meta.update(hook_name_out=hook_out, hook_head_index_out=None)
+    if isinstance(run.get("ctx_len"), int):
+        meta["context_size"] = run["ctx_len"]
+    dataset = run.get("dataset")
+    if isinstance(dataset, str) and _looks_like_hub_dataset(dataset):
+        meta["dataset_path"] = dataset
+    meta.update(sparsify_hookpoint=hookpoint, converted_by="sae_core.convert")
+    return meta, notes
+
+
+def _looks_like_hub_dataset(name: str) -> bool:
+    """A hub dataset id (org/name), not a local file or folder, nor one of our built-in texts."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None
+            and not Path(name).expanduser().exists())
+
+
 def ours_to_saelens(cfg: SparseCoderConfig, d_in: int, d_out: int, tensors: dict[str, np.ndarray], *,
                     metadata: dict | None = None, reshape_activations: str = "none",
                     where: str = "checkpoint") -> tuple[dict, dict[str, np.ndarray]]:

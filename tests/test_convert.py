@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -498,6 +499,112 @@ def test_run_folder(tmp_path):
     with pytest.raises(UserError, match="groupmax"):
         conv.convert(run, tmp_path / "partial", to="saelens")
     assert not (tmp_path / "partial").exists() and no_leftovers(tmp_path)
+
+
+# ---- hook names, run metadata, dtype as stored ----
+
+HOOK_NAMES = [  # (hookpoint, model family, transcode, hook_name, hook_name_out)
+    ("layers.3", "HuggingFaceTB/SmolLM2-135M", False, "blocks.3.hook_resid_post", None),
+    ("layers.3.mlp", "meta-llama/Llama-3.2-1B", False, "blocks.3.hook_mlp_out", None),
+    ("layers.3.self_attn", "Qwen/Qwen2.5-0.5B", False, "blocks.3.hook_attn_out", None),
+    ("embed_tokens", "HuggingFaceTB/SmolLM2-135M", False, "hook_embed", None),
+    ("h.11", "gpt2", False, "blocks.11.hook_resid_post", None),
+    ("h.2.attn", "gpt2", False, "blocks.2.hook_attn_out", None),
+    ("layers.4.attention", "EleutherAI/pythia-70m", False, "blocks.4.hook_attn_out", None),
+    ("layers.5.mlp", "HuggingFaceTB/SmolLM2-135M", True, "blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out"),
+    ("layers.5", "meta-llama/Llama-3.2-1B", True, "blocks.5.hook_resid_pre", "blocks.5.hook_resid_post"),
+    ("h.0.attn", "gpt2", True, "blocks.0.ln1.hook_normalized", "blocks.0.hook_attn_out"),
+]
+
+
+@pytest.mark.parametrize("hookpoint, model, transcode, hook, hook_out", HOOK_NAMES)
+def test_transformer_lens_hook_names_and_back(hookpoint, model, transcode, hook, hook_out):
+    meta, notes = saelens.export_metadata(hookpoint, transcode, {"model": model})
+    assert meta["hook_name"] == hook and meta.get("hook_name_out") == hook_out and meta["model_name"] == model
+    assert meta["model_class_name"] == "HookedTransformer" and meta["hook_head_index"] is None
+    assert ("hook_normalized" in hook) == any("before the" in note for note in notes)  # the norm-weight caveat
+    # the reverse mapping, from TransformerLens's names alone (as a SAELens-trained coder has them)
+    native = {k: v for k, v in meta.items() if k != "sparsify_hookpoint"}
+    assert saelens.sparsify_hookpoint(native, transcode) == hookpoint
+
+
+def test_reverse_mapping_edge_cases():
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.hook_resid_pre"}, False) == "layers.3"
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.0.hook_resid_pre"}, False) is None
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.attn.hook_z", "hook_head_index": None}, False) is None
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.hook_resid_post", "hook_head_index": 2}, False) is None
+    # a transcoder's pair must be the module's own input and output
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.ln2.hook_normalized",
+                                       "hook_name_out": "blocks.5.hook_mlp_out"}, True) is None
+    assert saelens.transformer_lens_hooks("layers.3.mlp.gate_proj", False) is None
+    meta, notes = saelens.export_metadata("layers.3.mlp.gate_proj", False, {})
+    assert meta["hook_name"] == "layers.3.mlp.gate_proj" and "model_class_name" not in meta
+    assert any("no hook" in note for note in notes)
+
+
+def test_run_metadata_from_our_state_json(tmp_path):
+    """Our own run folder (state.json): the built-in model's hub name, the context size; no local dataset path."""
+    run = tmp_path / "run"
+    make_case(transcode=True).write(run / "layers.5.mlp")
+    state = {"format": "sae-twins/train-state", "train_config": {"model": "builtin:smollm2", "dataset": "builtin:pydoc",
+                                                                 "ctx_len": 256}}
+    (run / "state.json").write_text(json.dumps(state))
+    (report,) = conv.convert(run, tmp_path / "sl", to="saelens")
+    meta = json.loads((tmp_path / "sl" / "layers.5.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["context_size"] == 256
+    assert meta["hook_name"] == "blocks.5.ln2.hook_normalized" and meta["hook_name_out"] == "blocks.5.hook_mlp_out"
+    assert "dataset_path" not in meta and meta["sparsify_hookpoint"] == "layers.5.mlp"
+    assert any("ln2.hook_normalized is the normalised input" in note for note in report.notes)
+    (run / "state.json").unlink()
+    (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "ctx_len": 2048,
+                                                 "dataset": "EleutherAI/fineweb-edu-dedup-10b"}))
+    conv.convert(run, tmp_path / "sl2", to="saelens")
+    meta = json.loads((tmp_path / "sl2" / "layers.5.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["dataset_path"] == "EleutherAI/fineweb-edu-dedup-10b" and meta["context_size"] == 2048
+
+
+def test_saelens_run_imports_under_sparsify_hookpoints(tmp_path):
+    """A folder of SAELens coders named by SAELens's ids becomes a run folder named by sparsify's hookpoints, which
+    load_many reads and whose coders compute what the SAELens ones compute."""
+    src = tmp_path / "release"
+    native_saelens(src / "l3-resid", extra_cfg={"metadata": {"sae_lens_version": "6.18.0", "model_name": "gpt2",
+                                                             "hook_name": "blocks.3.hook_resid_post"}})
+    native_saelens(src / "l7-mlp", seed=4, extra_cfg={"metadata": {"sae_lens_version": "6.18.0",
+                                                                   "model_name": "gpt2",
+                                                                   "hook_name": "blocks.7.hook_mlp_out"}})
+    reports = conv.convert(src, tmp_path / "run", to="sparsify")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["h.3", "h.7.mlp"]
+    assert [r.path.name for r in reports] == ["h.3", "h.7.mlp"] and all(r.verified for r in reports)
+    assert any("hookpoint h.3 (from hook_name blocks.3.hook_resid_post)" in n for n in reports[0].notes)
+    from sae_torch import SparseCoder
+
+    assert list(SparseCoder.load_many(tmp_path / "run")) == ["h.3", "h.7.mlp"]
+    # back to SAELens: SAELens's own metadata (hook names, model) returns unchanged
+    conv.convert(tmp_path / "run", tmp_path / "again", to="saelens")
+    meta = json.loads((tmp_path / "again" / "h.7.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.7.hook_mlp_out" and meta["model_name"] == "gpt2"
+
+    # one coder without a sparsify name (a per-head hook): every folder keeps its own name
+    native_saelens(src / "l2-z", seed=5, extra_cfg={"metadata": {"sae_lens_version": "6.18.0", "model_name": "gpt2",
+                                                                 "hook_name": "blocks.2.attn.hook_z"}})
+    conv.convert(src, tmp_path / "kept", to="sparsify")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["l2-z", "l3-resid", "l7-mlp"]
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16", "float64"])
+def test_dtype_is_kept_as_stored(tmp_path, stored):
+    """Without --dtype the SAELens copy keeps the source's dtype, and its cfg.json says so (SAELens casts every
+    tensor to cfg.json's dtype on load: a wrong one there would silently change the weights)."""
+    c = case("skip-transcoder")
+    dtype = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(stored)
+    c.params = {name: value.astype(dtype) for name, value in c.params.items()}
+    src = c.write(tmp_path / "src")
+    (report,) = conv.convert(src, tmp_path / "out", to="saelens")
+    header, _ = read_header(tmp_path / "out" / "sae_weights.safetensors")
+    names = {"bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+    assert {info["dtype"] for info in header.values()} == {names[stored]} and "W_skip" in header
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["dtype"] == stored == report.dtype
+    assert report.verified
 
 
 # ---- CLI ----
