@@ -279,3 +279,24 @@ def test_without_huggingface_hub(tmp_path):
     done = _run_cli(["convert", str(tmp_path / "local"), str(tmp_path / "out2"), "--to", "saelens"], None,
                     extra_code=hide)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+def test_cli_eval_from_a_hub_name(tmp_path, tiny_cfg, tiny_model_dir):
+    """`sae eval NAME --hookpoint H` downloads only H, takes the model from the repo's config.json, and reports what
+    evaluating the same coder from its local folder reports."""
+    from conftest import run_cli
+    from sae_torch.trainer import train
+
+    train(tiny_cfg(hookpoints=["layers.2"]), progress=False, plots=False)
+    coder = tmp_path / "runs" / "tiny" / "layers.2"
+    files = {"config.json": json.dumps({"model": str(tiny_model_dir)}).encode()}
+    files.update({f"layers.2/{name}": (coder / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)})
+    cache = tmp_path / "hf-cache"
+    add_commit(cache, REPO, files)
+    flags = ["--max_tokens", "512", "--batch_size", "2", "--quiet", "--backend", "torch"]
+    hub = run_cli("eval", REPO, "--hookpoint", "layers.2", *flags,
+                  env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    local = run_cli("eval", coder, "--model", tiny_model_dir, *flags)
+    assert hub.returncode == 0 and local.returncode == 0, hub.stderr + local.stderr
+    assert "layers.2" in hub.stdout and hub.stdout == local.stdout
