@@ -447,8 +447,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "'topk_skip_transcoder' (SAELens has only ReLU transcoders); call "
                         "sae_core.saelens.register_with_sae_lens() before SAE.load_from_disk.", width=79))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", metavar="SRC", help="a hookpoint folder, a run folder whose subfolders are hookpoints, or "
-                                                   "a Hugging Face Hub repo of them (e.g. EleutherAI/sae-llama-3-8b-32x)")
+    parser.add_argument("src", metavar="SRC",
+                        help="a hookpoint folder, a run folder whose subfolders are hookpoints, or a Hugging Face "
+                             "Hub repo of them (e.g. EleutherAI/sae-llama-3-8b-32x)")
     parser.add_argument("dst", metavar="DST", help="where to write (must not exist or be empty, unless --overwrite); "
                                                    "a run folder in gives a run folder out")
     parser.add_argument("--to", required=True, choices=FORMATS, help="target format")

@@ -40,6 +40,16 @@ How ours maps (SPEC section 1/2):
   autoencoder, and from SAELens every architecture but topk / topk_transcoder / topk_skip_transcoder (standard ReLU,
   jumprelu thresholds, gated, abstopk, ReLU transcoders, ...), normalize_activations other than "none" (the function
   depends on an unfolded statistic or a per-token normalisation), a non-trivial finetuning `scaling_factor`.
+- Hook names (`transformer_lens_hooks`, `sparsify_hookpoint`): the export writes `metadata.hook_name` (and, for
+  transcoders, `hook_name_out`) in TransformerLens's vocabulary, which SAELens tools use to attach a coder:
+  layers.N -> blocks.N.hook_resid_post, layers.N.mlp -> blocks.N.hook_mlp_out, layers.N.self_attn ->
+  blocks.N.hook_attn_out; transcoders layers.N.mlp: blocks.N.ln2.hook_normalized -> blocks.N.hook_mlp_out (GPT-2's
+  h.N and Pythia's attention names too), with `model_name`, `model_class_name`, `context_size`, `dataset_path` from
+  the run. Import maps them back (a run folder of SAELens coders becomes folders named by sparsify hookpoint).
+  SAELens's own sparsify importer (get_sparsify_config_from_disk, read in sae-lens 6.18.0) maps every folder matching
+  `layers[._]N` to blocks.N.hook_resid_post (layers.N.mlp included), sets dtype "bfloat16" whatever is stored,
+  ignores transcode/d_out and W_skip, sets apply_b_dec_to_input = not normalize_decoder (sparsify always subtracts
+  b_dec from an autoencoder's input), and transposes W_dec.
 - What the other side cannot hold travels as metadata: our config in SAELens `metadata["sparsify"]`, SAELens's
   metadata/architecture in an extra `saelens` key of our cfg.json (extra keys are ignored by sparsify and by us), so
   ours -> SAELens -> ours restores the config exactly (multi_topk, normalize_decoder, expansion_factor included).
@@ -450,7 +460,8 @@ def ours_to_saelens(cfg: SparseCoderConfig, d_in: int, d_out: int, tensors: dict
     dtype = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}.get(
         dtypes.pop() if len(dtypes) == 1 else "", None)
     if dtype is None:
-        raise UserError(f"{where}: tensors of mixed or unsupported dtypes {sorted({np.dtype(v.dtype).name for v in out.values()})}; "
+        names = sorted({np.dtype(v.dtype).name for v in out.values()})
+        raise UserError(f"{where}: tensors of mixed or unsupported dtypes {names}; "
                         f"pass a dtype to convert them to one")
     meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None}
     meta.update(metadata or {})
