@@ -139,8 +139,9 @@ def _check_folder(name: str, hookpoint: str, folder: Path, weights_files: tuple[
     has_weights = any((folder / w).is_file() for w in weights_files)
     if has_cfg and has_weights:
         return
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    missing = [f for f in (CONFIG_FILE,) if not has_cfg] + ([" or ".join(weights_files)] if not has_weights else [])
+    # a file whose blob never arrived is a dangling link in the snapshot: list only the readable ones
+    present = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    missing = ([CONFIG_FILE] if not has_cfg else []) + ([" or ".join(weights_files)] if not has_weights else [])
     raise HubError(f"{name}: hookpoint {hookpoint!r} is only partly downloaded ({folder} lacks {', '.join(missing)}; "
                    f"holds {', '.join(present) or 'nothing'}); download it again with network access")
 

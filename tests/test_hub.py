@@ -195,6 +195,11 @@ def test_clear_errors(hub_cache, tmp_path):
     with pytest.raises(HubError, match=r"hookpoint 'layers.1' is only partly downloaded \(.*layers.1 lacks "
                                        r"sae.safetensors; holds cfg.json\); download it again with network access"):
         SparseCoder.load_from_hub(REPO, "layers.1")
+    # the same when the link is there but its blob never arrived (an interrupted download)
+    (snapshot / "layers.2" / WEIGHTS_FILE).resolve().unlink()
+    with pytest.raises(HubError, match=r"hookpoint 'layers.2' is only partly downloaded \(.*layers.2 lacks "
+                                       r"sae.safetensors; holds cfg.json\)"):
+        SparseCoder.load_many(REPO, layers=["layers.2"])
 
 
 def test_incomplete_snapshot_known_from_the_cached_file_listing(hub_cache):
