@@ -256,7 +256,7 @@ def _read_sparsify_extras(folder: Path) -> dict:
 
 
 def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None, do_verify: bool,
-                 run_info: dict, seed: int) -> HookpointReport:
+                 run_info: dict, seed: int, hook_names: str) -> HookpointReport:
     fmt = detect_format(folder)
     where = str(folder)
     if fmt == "sparsify":
@@ -292,7 +292,7 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
             metadata = dict(previous.get("metadata") or {})
             reshape = previous.get("reshape_activations", "none")
         else:
-            metadata, hook_notes = saelens.export_metadata(name, cfg.transcode, run_info)
+            metadata, hook_notes = saelens.export_metadata(name, cfg.transcode, run_info, hook_names)
             report.notes.extend(hook_notes)
             reshape = "none"
         sl_cfg, sl_tensors = saelens.ours_to_saelens(cfg, d_in, d_out, tensors, metadata=metadata,
@@ -349,7 +349,8 @@ def _is_within(path: Path, other: Path) -> bool:
 
 
 def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, hookpoint=None, *,
-            overwrite: bool = False, seed: int = 0, revision: str | None = None) -> list[HookpointReport]:
+            overwrite: bool = False, seed: int = 0, revision: str | None = None,
+            hook_names: str = "transformer-lens") -> list[HookpointReport]:
     """Convert a hookpoint folder or a run folder `src` into format `to` ("sparsify" or "saelens") at `dst`.
 
     `src` may also be a Hugging Face Hub repo name (a string that is no existing folder): then only the `hookpoint`
@@ -357,13 +358,18 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
 
     `dtype` ("fp32", "bf16", "fp16"; None keeps the source's), `hookpoint` (a name or a list: only these folders of a
     run folder), `verify` (prove each output from disk against the source; see the module docstring), `overwrite`
-    (replace an existing non-empty `dst`, atomically). A run folder gives a run folder with the same subfolder names;
+    (replace an existing non-empty `dst`, atomically), `hook_names` (to SAELens: "transformer-lens" or "hf", see
+    `saelens.export_metadata`). A run folder gives a run folder with the same subfolder names (SAELens coders into
+    sparsify's layout: named by their sparsify hookpoint where every one has one);
     a hookpoint folder gives a hookpoint folder. Raises UserError/CheckpointError/VerificationError with a clear
     message, and then `dst` is untouched. Returns one report per hookpoint.
     """
     if to not in FORMATS:
         raise UserError(f"unknown target format {to!r}: choose one of {', '.join(FORMATS)}")
     dtype = _normalise_dtype(dtype)
+    if hook_names not in saelens.HOOK_VOCABULARIES:
+        raise UserError(f"unknown hook-name vocabulary {hook_names!r}: choose "
+                        f"{' or '.join(saelens.HOOK_VOCABULARIES)}")
     if not hub.is_local(src):
         wanted = [hookpoint] if isinstance(hookpoint, str) else (list(hookpoint) if hookpoint else None)
         src = hub.resolve_source(str(src), wanted, revision=revision,
@@ -396,7 +402,7 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
         out_names = _output_names(items, to) if is_run else {}
         for name, folder in items:
             out = staging / out_names.get(name, name) if is_run else staging
-            reports.append(_convert_one(name, folder, out, to, dtype, verify, run_info, seed))
+            reports.append(_convert_one(name, folder, out, to, dtype, verify, run_info, seed, hook_names))
         if is_run and (src / "config.json").is_file():
             shutil.copy2(src / "config.json", staging / "config.json")  # sparsify's run config, informational
         if dst_abs.exists():
@@ -460,6 +466,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the numerical check of the written output against the source")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST (atomically)")
+    parser.add_argument("--hook-names", dest="hook_names", choices=saelens.HOOK_VOCABULARIES,
+                        default="transformer-lens",
+                        help="to SAELens: TransformerLens hook names (blocks.N.hook_resid_post, ...) for models it "
+                             "supports, or hf: the model's module paths for SAELens's AutoModelForCausalLM wrapper "
+                             "(any HF model; exact for transcoders) [default: transformer-lens]")
     parser.add_argument("--revision", default=None, metavar="REV",
                         help="with a hub name: the branch, tag or commit to read [default: main]")
     return parser
@@ -468,7 +479,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     try:
         reports = convert(args.src, args.dst, to=args.to, dtype=args.dtype, verify=args.verify,
-                          hookpoint=args.hookpoint, overwrite=args.overwrite, revision=args.revision)
+                          hookpoint=args.hookpoint, overwrite=args.overwrite, revision=args.revision,
+                          hook_names=args.hook_names)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -350,12 +350,57 @@ def transformer_lens_hooks(hookpoint: str, transcode: bool) -> tuple[str, str | 
 
 def _naming(model_name) -> tuple[str, str, str]:
     """(layer stack, attention module, embedding module) of sparsify's hookpoints for a model family."""
+    family = _family(model_name)
+    return {"gpt2": ("h", "attn", "wte"), "neox": ("layers", "attention", "embed_in")}.get(
+        family, ("layers", "self_attn", "embed_tokens"))
+
+
+def _family(model_name) -> str:
     name = model_name.lower() if isinstance(model_name, str) else ""
     if "gpt2" in name or "gpt-2" in name:
-        return "h", "attn", "wte"
+        return "gpt2"
     if "pythia" in name or "neox" in name:
-        return "layers", "attention", "embed_in"
-    return "layers", "self_attn", "embed_tokens"
+        return "neox"
+    if re.search(r"gemma-?[23]", name):
+        return "gemma2"  # a norm before the MLP (pre_feedforward_layernorm) and one after it
+    return "llama"
+
+
+# HF causal LMs: the base model's attribute (HookedProxyLM names modules from the CausalLM down), and the norm
+# modules whose outputs are the MLP's and the attention's inputs.
+_HF_LAYOUT = {  # family: (base prefix, norm before the MLP, norm before the attention)
+    "llama": ("model", "post_attention_layernorm", "input_layernorm"),
+    "gemma2": ("model", "pre_feedforward_layernorm", "input_layernorm"),
+    "gpt2": ("transformer", "ln_2", "ln_1"),
+    "neox": ("gpt_neox", "post_attention_layernorm", "input_layernorm"),
+}
+
+
+def hf_module_hooks(hookpoint: str, transcode: bool, model_name) -> tuple[str, str | None] | None:
+    """(hook_name, hook_name_out or None) as SAELens's HookedProxyLM (model_class_name "AutoModelForCausalLM") names
+    them: the HF CausalLM's module paths, each hooking that module's output, exactly the tensors sparsify taps.
+    A transcoder reads its module's input, which is the output of the norm module before it (None where no module
+    outputs exactly that input)."""
+    prefix, mlp_norm, attn_norm = _HF_LAYOUT[_family(model_name)]
+    bare = hookpoint[len(prefix) + 1:] if hookpoint.startswith(prefix + ".") else hookpoint
+    full = f"{prefix}.{bare}"
+    if not transcode:
+        return full, None
+    match = _LAYER_PATH.fullmatch(bare)
+    if match is None:
+        return None
+    stack, n = match["stack"], int(match["n"])
+    if match["sub"] is None:
+        # a whole layer reads the previous layer's output; layer 0 reads the embeddings after model-specific
+        # scaling or positions, which no module outputs
+        return (f"{prefix}.{stack}.{n - 1}", full) if n > 0 else None
+    norm = mlp_norm if match["sub"] == "mlp" else attn_norm
+    return f"{prefix}.{stack}.{n}.{norm}", full
+
+
+def _strip_hf_prefix(hook: str, model_name) -> str | None:
+    prefix = _HF_LAYOUT[_family(model_name)][0]
+    return hook[len(prefix) + 1:] if hook.startswith(prefix + ".") else None
 
 
 _TL_HOOK = re.compile(r"blocks\.(?P<n>\d+)\.(?P<hook>hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out|"
@@ -363,8 +408,8 @@ _TL_HOOK = re.compile(r"blocks\.(?P<n>\d+)\.(?P<hook>hook_resid_post|hook_resid_
 
 
 def sparsify_hookpoint(metadata: dict, transcoder: bool) -> str | None:
-    """The reverse of `transformer_lens_hooks`: the sparsify hookpoint (the HF module path, named as the model family
-    in `model_name` names its modules) of a SAELens coder's metadata; None where there is none (a head index, an
+    """The reverse of `transformer_lens_hooks` and `hf_module_hooks`: the sparsify hookpoint (the HF module path,
+    named as the model family in `model_name` names its modules) of a SAELens coder's metadata; None where there is none (a head index, an
     unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"]) comes back as it was."""
     saved = metadata.get("sparsify_hookpoint")
     if isinstance(saved, str) and saved:
@@ -375,6 +420,9 @@ def sparsify_hookpoint(metadata: dict, transcoder: bool) -> str | None:
     hook, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
     if not isinstance(hook, str):
         return None
+    if metadata.get("model_class_name") == "AutoModelForCausalLM":  # HF module paths (HookedProxyLM)
+        target = hook_out if transcoder else hook
+        return _strip_hf_prefix(target, metadata.get("model_name")) if isinstance(target, str) else None
     if hook == "hook_embed" and not transcoder:
         return embed
     match = _TL_HOOK.fullmatch(hook)
@@ -406,23 +454,36 @@ def read_hookpoint(folder: Path) -> str | None:
     return sparsify_hookpoint(metadata, cfg.get("architecture") not in (None, TOPK, "standard"))
 
 
-def export_metadata(hookpoint: str, transcode: bool, run: dict) -> tuple[dict, list[str]]:
+HOOK_VOCABULARIES = ("transformer-lens", "hf")
+
+
+def export_metadata(hookpoint: str, transcode: bool, run: dict,
+                    hook_names: str = "transformer-lens") -> tuple[dict, list[str]]:
     """(SAELens metadata, notes) for our coder at `hookpoint`; `run` holds what the run folder says about training
     (model, dataset, ctx_len: sparsify's config.json or our state.json). SAELens reads `hook_name` (and
-    `hook_name_out` for transcoders) to attach the coder, `model_name`/`model_class_name` to load the model."""
-    hooks = transformer_lens_hooks(hookpoint, transcode)
+    `hook_name_out` for transcoders) to attach the coder, `model_name`/`model_class_name` to load the model.
+    `hook_names`: "transformer-lens" (HookedTransformer's names, for models TransformerLens supports) or "hf" (the HF
+    module paths of SAELens's HookedProxyLM: any HF causal LM, and exact for transcoders)."""
+    if hook_names not in HOOK_VOCABULARIES:
+        raise UserError(f"unknown hook-name vocabulary {hook_names!r}: choose {' or '.join(HOOK_VOCABULARIES)}")
     notes = []
     meta = {"model_name": run.get("model"), "hook_head_index": None}
-    if hooks is not None:
-        hook, hook_out, caveat = hooks
+    tl = transformer_lens_hooks(hookpoint, transcode) if hook_names == "transformer-lens" else None
+    hf = hf_module_hooks(hookpoint, transcode, run.get("model")) if hook_names == "hf" else None
+    if tl is not None:
+        hook, hook_out, caveat = tl
         meta.update(hook_name=hook, model_class_name="HookedTransformer")
-        notes.append(f"hook_name {hook}" + (f" -> hook_name_out {hook_out}" if hook_out else ""))
         if caveat:
-            notes.append(caveat)
+            notes.append(caveat + "; or export with --hook-names hf, whose hooks are exact")
+    elif hf is not None:
+        hook, hook_out = hf
+        meta.update(hook_name=hook, model_class_name="AutoModelForCausalLM")
     else:
         hook, hook_out = hookpoint, (hookpoint if transcode else None)
         meta["hook_name"] = hook
-        notes.append(f"TransformerLens has no hook for {hookpoint!r}: hook_name is sparsify's module path")
+        vocabulary = "TransformerLens" if hook_names == "transformer-lens" else "HookedProxyLM"
+        notes.append(f"{vocabulary} has no hook for {hookpoint!r}: hook_name is sparsify's module path")
+    notes.insert(0, f"hook_name {meta['hook_name']}" + (f" -> hook_name_out {hook_out}" if transcode else ""))
     if transcode:
         meta.update(hook_name_out=hook_out, hook_head_index_out=None)
     if isinstance(run.get("ctx_len"), int):

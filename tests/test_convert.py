@@ -528,6 +528,30 @@ def test_transformer_lens_hook_names_and_back(hookpoint, model, transcode, hook,
     assert saelens.sparsify_hookpoint(native, transcode) == hookpoint
 
 
+HF_HOOKS = [  # (hookpoint, model family, transcode, hook_name, hook_name_out): HookedProxyLM's module paths
+    ("layers.3", "HuggingFaceTB/SmolLM2-135M", False, "model.layers.3", None),
+    ("layers.3.mlp", "meta-llama/Llama-3.2-1B", True, "model.layers.3.post_attention_layernorm", "model.layers.3.mlp"),
+    ("layers.3.mlp", "google/gemma-2-2b", True, "model.layers.3.pre_feedforward_layernorm", "model.layers.3.mlp"),
+    ("layers.3.self_attn", "Qwen/Qwen2.5-0.5B", True, "model.layers.3.input_layernorm", "model.layers.3.self_attn"),
+    ("layers.4", "HuggingFaceTB/SmolLM2-135M", True, "model.layers.3", "model.layers.4"),
+    ("h.2.mlp", "gpt2", True, "transformer.h.2.ln_2", "transformer.h.2.mlp"),
+    ("h.2", "gpt2", False, "transformer.h.2", None),
+    ("layers.1.mlp", "EleutherAI/pythia-70m", True, "gpt_neox.layers.1.post_attention_layernorm",
+     "gpt_neox.layers.1.mlp"),
+]
+
+
+@pytest.mark.parametrize("hookpoint, model, transcode, hook, hook_out", HF_HOOKS)
+def test_hf_module_hook_names_and_back(hookpoint, model, transcode, hook, hook_out):
+    """--hook-names hf: SAELens's AutoModelForCausalLM wrapper hooks each module's output by its path; a transcoder's
+    input is its module's input, the output of the norm before it (exact, so no caveat)."""
+    meta, notes = saelens.export_metadata(hookpoint, transcode, {"model": model}, hook_names="hf")
+    assert meta["hook_name"] == hook and meta.get("hook_name_out") == hook_out
+    assert meta["model_class_name"] == "AutoModelForCausalLM" and not any("before the" in n for n in notes)
+    native = {k: v for k, v in meta.items() if k != "sparsify_hookpoint"}
+    assert saelens.sparsify_hookpoint(native, transcode) == hookpoint
+
+
 def test_reverse_mapping_edge_cases():
     assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.hook_resid_pre"}, False) == "layers.3"
     assert saelens.sparsify_hookpoint({"hook_name": "blocks.0.hook_resid_pre"}, False) is None
@@ -555,6 +579,10 @@ def test_run_metadata_from_our_state_json(tmp_path):
     assert meta["hook_name"] == "blocks.5.ln2.hook_normalized" and meta["hook_name_out"] == "blocks.5.hook_mlp_out"
     assert "dataset_path" not in meta and meta["sparsify_hookpoint"] == "layers.5.mlp"
     assert any("ln2.hook_normalized is the normalised input" in note for note in report.notes)
+    assert conv.main([str(run), str(tmp_path / "hf"), "--to", "saelens", "--hook-names", "hf"]) == 0
+    meta = json.loads((tmp_path / "hf" / "layers.5.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "model.layers.5.post_attention_layernorm"
+    assert meta["hook_name_out"] == "model.layers.5.mlp" and meta["model_class_name"] == "AutoModelForCausalLM"
     (run / "state.json").unlink()
     (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "ctx_len": 2048,
                                                  "dataset": "EleutherAI/fineweb-edu-dedup-10b"}))
