@@ -45,7 +45,8 @@ How ours maps (SPEC section 1/2):
   layers.N -> blocks.N.hook_resid_post, layers.N.mlp -> blocks.N.hook_mlp_out, layers.N.self_attn ->
   blocks.N.hook_attn_out; transcoders layers.N.mlp: blocks.N.ln2.hook_normalized -> blocks.N.hook_mlp_out (GPT-2's
   h.N and Pythia's attention names too), with `model_name`, `model_class_name`, `context_size`, `dataset_path` from
-  the run. Import maps them back (a run folder of SAELens coders becomes folders named by sparsify hookpoint).
+  the run; or (`hook_names="hf"`) the HF module paths of SAELens's AutoModelForCausalLM wrapper, exact for
+  transcoders too. Import maps both back (a run folder of SAELens coders becomes folders named by sparsify hookpoint).
   SAELens's own sparsify importer (get_sparsify_config_from_disk, read in sae-lens 6.18.0) maps every folder matching
   `layers[._]N` to blocks.N.hook_resid_post (layers.N.mlp included), sets dtype "bfloat16" whatever is stored,
   ignores transcode/d_out and W_skip, sets apply_b_dec_to_input = not normalize_decoder (sparsify always subtracts
