@@ -197,9 +197,8 @@ def _precheck(cfg: TrainConfig, resume) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .metrics import print_eval
-
     from .hub import hub_run_model, resolve_source
+    from .metrics import print_eval
 
     run = resolve_source(args.run, [args.hookpoint] if args.hookpoint else None, revision=args.revision,
                          extra_files=("config.json",))
