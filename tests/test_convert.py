@@ -728,3 +728,51 @@ def test_real_sae_lens(tmp_path):
     dense, sae_out = oracle_dense(cfg, params, x)
     assert_close(dense, got["feats"], 1e-5)
     assert_close(sae_out, got["out"], 1e-5)
+
+
+@pytest.mark.slow
+def test_sae_lens_reads_the_same_activations(tmp_path, tiny_model_dir):
+    """--hook-names hf, checked by SAELens itself: it loads the model our metadata names the way its tools do
+    (load_model with model_class_name AutoModelForCausalLM), reads the activations at hook_name / hook_name_out with
+    run_with_cache, and they are the tensors our trainer captures at the sparsify hookpoint (a transcoder's module
+    input and output included); the coder applied there computes what ours computes."""
+    python = _sae_lens_python()
+    if python is None:
+        pytest.skip("sae_lens is not importable here and SAE_LENS_PYTHON is not set (see the module docstring)")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from sae_torch import SparseCoder
+    from sae_torch.activations import capture
+
+    run = tmp_path / "run"
+    d = 32  # the tiny model's hidden size
+    coders = {"layers.1": make_case(d_in=d, num_latents=64, k=4), "layers.2.mlp": make_case(
+        d_in=d, d_out=d, num_latents=64, k=4, transcode=True, skip_connection=True, seed=1)}
+    for name, c in coders.items():
+        c.write(run / name)
+    (run / "config.json").write_text(json.dumps({"model": str(tiny_model_dir)}))
+    conv.convert(run, tmp_path / "sl", to="saelens", hook_names="hf")
+    tokens = np.random.default_rng(0).integers(0, 1000, size=(2, 16))
+    np.save(tmp_path / "tokens.npy", tokens)
+    spec = {"tokens": str(tmp_path / "tokens.npy"), "folders": [str(tmp_path / "sl" / n) for n in coders],
+            "out": str(tmp_path / "hooks.npz")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    probe = REPO / "tests" / "data" / "convert" / "saelens_hooks_probe.py"
+    done = subprocess.run([python, str(probe), str(REPO), str(tmp_path / "spec.json")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "hooks.npz")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with capture(model, list(coders), True, stop_early=False) as ours, torch.no_grad():
+        model(input_ids=torch.from_numpy(tokens))
+    for i, name in enumerate(coders):
+        inp, out = (t.flatten(0, 1).float().numpy() for t in ours[name])
+        x = inp if coders[name].cfg.transcode else out
+        np.testing.assert_allclose(got[f"in{i}"], x, rtol=0, atol=1e-5 * np.abs(x).max(), err_msg=name)
+        if coders[name].cfg.transcode:
+            np.testing.assert_allclose(got[f"out{i}"], out, rtol=0, atol=1e-5 * np.abs(out).max(), err_msg=name)
+        with torch.no_grad():
+            expected = SparseCoder.load_from_disk(run / name)(torch.from_numpy(x)).sae_out.numpy()
+        assert_close(got[f"sae{i}"], expected, 1e-5)
