@@ -2,13 +2,20 @@
 
 Everything a backend computes is compared with this. It can select latents itself or be evaluated on a backend's
 own selection (SPEC section 4), since near-ties may be broken differently by different top-k implementations.
-Written for clarity on small test shapes (it builds dense [N, M] arrays and gathers [N, k, d] temporaries).
+The forward and the selection are `sae_core.reference` (the same code proves every `sae convert`); this module adds
+the losses and their gradients. Written for clarity on small test shapes (dense [N, M] arrays).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from sae_core.reference import (decode_latents, encoder_input, pre_activations, reconstruct, select_indices,
+                                selection_violation, topk_indices)
+
+__all__ = ["PARAM_NAMES", "Selection", "OracleResult", "auxk_sizes", "multi_topk_size", "select", "evaluate",
+           "selection_violation"]
 
 PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip")
 
@@ -35,17 +42,6 @@ class OracleResult:
     grads: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def topk_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """The k largest entries of each row (ties broken towards the lower index)."""
-    return np.argsort(-values, axis=1, kind="stable")[:, :k]
-
-
-def groupmax_indices(pre: np.ndarray, k: int) -> np.ndarray:
-    n, m = pre.shape
-    group = m // k
-    return pre.reshape(n, k, group).argmax(axis=-1) + np.arange(k) * group
-
-
 def auxk_sizes(num_dead: int, d_out: int) -> tuple[int, float]:
     """(k_aux, scale) of SPEC's AuxK for this many dead latents."""
     half = d_out // 2
@@ -58,17 +54,13 @@ def multi_topk_size(k: int, num_latents: int) -> int:
 
 def select(pre: np.ndarray, activation: str, k: int, dead_mask=None, multi_topk=False, d_out=None) -> Selection:
     """The oracle's own selection for pre-activations `pre` (post-ReLU)."""
-    indices = groupmax_indices(pre, k) if activation == "groupmax" else topk_indices(pre, k)
+    indices = select_indices(pre, activation, k)
     aux = None
     if dead_mask is not None and dead_mask.sum() > 0:
         k_aux, _ = auxk_sizes(int(dead_mask.sum()), d_out)
         aux = topk_indices(np.where(dead_mask[None, :], pre, -np.inf), k_aux)
     multi = topk_indices(pre, multi_topk_size(k, pre.shape[1])) if multi_topk else None
     return Selection(indices, aux, multi)
-
-
-def _decode(acts, indices, w_dec):
-    return np.einsum("nk,nkd->nd", acts, w_dec[indices])
 
 
 def _scatter_outer(weights, indices, rows, num_rows):
@@ -97,20 +89,16 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
     num_latents, d_out = w_dec.shape
     dead = None if dead_mask is None else np.asarray(dead_mask, dtype=bool)
 
-    x_in = x if transcode else x - b_dec
-    z = x_in @ w_enc.T + b_enc
-    pre = np.maximum(z, 0.0)
+    x_in = encoder_input(x, b_dec, transcode)
+    pre = pre_activations(x_in, w_enc, b_enc)
     if selection is None:
         selection = select(pre, activation, k, dead, multi_topk, d_out)
 
-    def reconstruct(indices):
+    def output(indices):
         acts = np.take_along_axis(pre, indices, axis=1)
-        out = _decode(acts, indices, w_dec) + b_dec
-        if w_skip is not None:
-            out = out + x @ w_skip.T
-        return acts, out
+        return acts, reconstruct(x, acts, indices, w_dec, b_dec, w_skip)
 
-    acts, sae_out = reconstruct(selection.indices)
+    acts, sae_out = output(selection.indices)
     e = y - sae_out
     total_variance = ((y - y.mean(axis=0)) ** 2).sum()
     fvu = (e ** 2).sum() / total_variance
@@ -119,13 +107,13 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
     if selection.aux_indices is not None:
         _, scale = auxk_sizes(int(dead.sum()), d_out)
         aux_acts = np.take_along_axis(pre, selection.aux_indices, axis=1)
-        e_hat = _decode(aux_acts, selection.aux_indices, w_dec)  # no b_dec, no skip: e holds both already
+        e_hat = decode_latents(aux_acts, selection.aux_indices, w_dec)  # no b_dec, no skip: e holds both already
         target = e if stopped_residual is None else stopped_residual
         auxk_loss = scale * ((e_hat - target) ** 2).sum() / total_variance
 
     multi_fvu = 0.0
     if selection.multi_indices is not None:
-        multi_acts, multi_out = reconstruct(selection.multi_indices)
+        multi_acts, multi_out = output(selection.multi_indices)
         multi_fvu = ((multi_out - y) ** 2).sum() / total_variance
 
     loss = fvu + auxk_alpha * auxk_loss + multi_fvu / 8
@@ -153,37 +141,10 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
         backprop_decode(auxk_alpha * scale * 2 * (e_hat - e) / total_variance, aux_acts, selection.aux_indices,
                         False)
 
-    d_z = d_pre * (z > 0)  # relu'(0) = 0: a selected zero passes nothing
+    d_z = d_pre * (pre > 0)  # relu'(0) = 0: a selected zero passes nothing
     g["encoder.weight"] = d_z.T @ x_in
     g["encoder.bias"] = d_z.sum(axis=0)
     if not transcode:
         g["b_dec"] -= (d_z @ w_enc).sum(axis=0)
     result.grads = g
     return result
-
-
-def selection_violation(pre: np.ndarray, indices: np.ndarray, activation: str, k: int, allowed=None) -> float:
-    """How far a selection is from valid: max over rows of (best unselected - worst selected), clipped at 0.
-
-    topk: every selected value must be >= every unselected value of its row, and no index may repeat; with an
-    `allowed` mask [M] (AuxK's dead latents) only allowed latents may be chosen and compete. groupmax: the j-th
-    index must lie in group j and hold that group's max.
-    """
-    n, m = pre.shape
-    chosen = np.take_along_axis(pre, indices, axis=1)
-    if activation == "groupmax":
-        group = m // k
-        if not (indices // group == np.arange(k)).all():
-            return float("inf")
-        return float(max((pre.reshape(n, k, group).max(axis=-1) - chosen).max(), 0.0))
-    if (np.diff(np.sort(indices, axis=1), axis=1) == 0).any():
-        return float("inf")  # an index chosen twice in one row
-    if allowed is not None:
-        if not allowed[indices].all():
-            return float("inf")
-        pre = np.where(allowed[None, :], pre, -np.inf)
-    unselected = np.ones_like(pre, dtype=bool)
-    np.put_along_axis(unselected, indices, False, axis=1)
-    best_unselected = np.where(unselected, pre, -np.inf).max(axis=1)
-    gaps = best_unselected - chosen.min(axis=1)
-    return float(max(np.nan_to_num(gaps, nan=0.0, neginf=0.0).max(), 0.0))

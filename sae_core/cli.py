@@ -197,13 +197,18 @@ def _precheck(cfg: TrainConfig, resume) -> None:
 
 
 def _cmd_eval(args) -> int:
+    from .hub import hub_run_model, resolve_source
     from .metrics import print_eval
 
-    if not Path(args.run).expanduser().exists():
-        raise UserError(f"run folder {args.run} not found")
+    run = resolve_source(args.run, [args.hookpoint] if args.hookpoint else None, revision=args.revision,
+                         extra_files=("config.json",))
+    model = args.model or hub_run_model(args.run, run)
+    run = run / args.hookpoint if args.hookpoint else run
+    if not run.exists():
+        raise UserError(f"run folder {run} not found")
 
     evaluator = backend_module(resolve_backend(args.backend), "eval")
-    report = evaluator.evaluate(args.run, model=args.model, dataset=args.dataset, split=args.split,
+    report = evaluator.evaluate(run, model=model, dataset=args.dataset, split=args.split,
                                 max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device,
                                 dtype=args.dtype, text_column=args.text_column, progress=not args.quiet)
     print_eval(report)
@@ -260,8 +265,12 @@ def build_parser(default_backend: str = "auto") -> argparse.ArgumentParser:
                                     "(the hookpoint's output replaced by the reconstruction): CE loss increase, "
                                     "fraction of CE loss recovered vs zero-ablation, and KL to the clean model.")
     backend_flag(ev)
-    ev.add_argument("run", metavar="RUN", help="a run folder (from sae train) or a hookpoint folder")
-    ev.add_argument("--model", help="the model (default: the run's)")
+    ev.add_argument("run", metavar="RUN", help="a run folder (from sae train), a hookpoint folder, or a Hugging Face "
+                                               "Hub repo of coders (e.g. EleutherAI/sae-llama-3-8b-32x)")
+    ev.add_argument("--hookpoint", metavar="NAME", help="only this hookpoint folder of RUN (of a hub repo: only it "
+                                                        "is downloaded)")
+    ev.add_argument("--revision", metavar="REV", help="of a hub repo: the branch, tag or commit [default: main]")
+    ev.add_argument("--model", help="the model (default: the run's; for a hub repo, its config.json's)")
     ev.add_argument("--dataset", help="the text (default: the run's)")
     ev.add_argument("--split", default="test", help="[default: test, the run's held-out chunks]")
     ev.add_argument("--max_tokens", type=_optional_int, default=32768, metavar="N", help="[default: 32768]")

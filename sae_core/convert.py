@@ -1,16 +1,17 @@
 """`sae convert`: move a checkpoint between sparsify's layout (ours) and SAELens's, proven on every conversion.
 
     sae convert SRC DST --to sparsify|saelens [--dtype fp32|bf16|fp16] [--hookpoint NAME ...] [--no-verify]
-                        [--overwrite]
+                        [--overwrite] [--revision REV]
 
-SRC is one hookpoint folder or a run folder of them; the format of each is detected from its files (sparsify:
+SRC is one hookpoint folder, a run folder of them, or a Hugging Face Hub repo of them (`sae_core.hub`: only the
+--hookpoint folders are downloaded, at --revision); the format of each is detected from its files (sparsify:
 `cfg.json` + `sae.safetensors`; SAELens: `cfg.json` + `sae_weights.safetensors`). Converting into the same format
 re-saves (e.g. to change the dtype). NumPy + safetensors only: no torch, no MLX, no sae_lens.
 
 Proof: every converted hookpoint is written, read back from disk, and evaluated in float64 next to the source on a
-seeded batch built to activate many latents: the source with its own format's forward (ours: SPEC section 2,
-the same math as `parity.oracle.evaluate`; SAELens: `saelens.SaeLensReference`, written from SAELens's code),
-the output with its format's. The dense ReLU pre-activations, the selection (the output's choice must be a valid
+seeded batch built to activate many latents: the source with its own format's forward (ours: `sae_core.reference`,
+the same code as the parity oracle's; SAELens: `saelens.SaeLensReference`, written from SAELens's code), the output
+with its format's. The dense ReLU pre-activations, the selection (the output's choice must be a valid
 top-k / groupmax choice on the source's values, and the index sets must agree among entries clearly > 0 away from
 near-ties), the latent values and the reconstruction must agree within max|diff| <= tol * max|ref|, with
 tol = 1e-4 when source and output are fp32/fp64 and 2e-2 when either is bf16 or fp16. Only then does the output
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -33,9 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import saelens
+from . import hub, saelens
+from .reference import SparseCoderReference, select_indices, selection_boundary
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, save_checkpoint_numpy, write_text_atomic
 from .config import SparseCoderConfig
+from .train_config import BUILTIN_MODEL
 from .errors import CheckpointError, UserError
 
 FORMATS = ("sparsify", "saelens")
@@ -43,6 +45,7 @@ DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "f32": "float32",
                  "bf16": "bfloat16", "bfloat16": "bfloat16",
                  "fp16": "float16", "float16": "float16", "f16": "float16", "half": "float16"}
 LOW_PRECISION = ("bfloat16", "float16")
+BUILTIN_MODEL_HF = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOLERANCE = {False: 1e-4, True: 2e-2}  # max|diff| / max|ref|: fp32 (or wider) / bf16 or fp16 involved
 BATCH_SIZE = 64
 
@@ -118,76 +121,26 @@ def find_hookpoints(src: Path, hookpoint=None) -> tuple[bool, list[tuple[str, Pa
     return True, [(name, src / name) for name in names]
 
 
-def _model_name(run_folder: Path) -> str | None:
-    path = Path(run_folder) / "config.json"  # sparsify's training config beside the hookpoint folders
-    try:
-        model = json.loads(path.read_text()).get("model") if path.is_file() else None
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
-    return model if isinstance(model, str) else None
+def _run_info(run_folder: Path) -> dict:
+    """What a run folder says about its training: {model, dataset, ctx_len} from sparsify's config.json, or from the
+    train_config in our state.json; {} when neither is there."""
+    for name, key in (("config.json", None), ("state.json", "train_config")):
+        path = Path(run_folder) / name
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else None
+        except (ValueError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and key is not None:
+            data = data.get(key)
+        if isinstance(data, dict):
+            info = {k: data[k] for k in ("model", "dataset", "ctx_len") if k in data}
+            if info.get("model") == BUILTIN_MODEL:
+                info["model"] = BUILTIN_MODEL_HF  # the built-in model is this hub model, converted offline
+            return info
+    return {}
 
 
-def _tl_hook_name(hookpoint: str) -> str:
-    """TransformerLens's name for a sparsify hookpoint where it is unambiguous (as SAELens's sparsify loader maps it)."""
-    match = re.fullmatch(r"(?:model\.)?layers[._](\d+)", hookpoint)
-    if match:
-        return f"blocks.{match.group(1)}.hook_resid_post"
-    if hookpoint in ("embed_tokens", "model.embed_tokens"):
-        return "hook_embed"
-    return hookpoint
-
-
-# ---- float64 forwards used for the proof ----
-
-class OursReference:
-    """SPEC section 2 in float64 (inference part; the same math as parity.oracle.evaluate), chunked over latents so
-    that a full-size checkpoint does not need a float64 copy of its weights."""
-
-    def __init__(self, cfg: SparseCoderConfig, tensors: dict[str, np.ndarray], chunk: int = 8192):
-        self.cfg, self.t, self.chunk = cfg, tensors, chunk
-        self.activation, self.k = cfg.activation, cfg.k
-        self.num_latents = tensors["encoder.weight"].shape[0]
-
-    def encoder_directions(self, idx):
-        return self.t["encoder.weight"][idx].astype(np.float64)
-
-    def input_center(self):
-        return np.zeros(self.t["encoder.weight"].shape[1]) if self.cfg.transcode else self.t["b_dec"].astype(np.float64)
-
-    def pre_acts(self, x):
-        x_in = x if self.cfg.transcode else x - self.t["b_dec"].astype(np.float64)
-        pre = np.empty((len(x), self.num_latents))
-        for start in range(0, self.num_latents, self.chunk):
-            sl = slice(start, start + self.chunk)
-            pre[:, sl] = x_in @ self.t["encoder.weight"][sl].astype(np.float64).T + self.t["encoder.bias"][sl]
-        return np.maximum(pre, 0.0)
-
-    def decode(self, x, indices, acts):
-        w_dec = self.t["W_dec"]
-        out = np.empty((len(x), w_dec.shape[1]))
-        for n in range(len(x)):
-            out[n] = acts[n] @ w_dec[indices[n]].astype(np.float64)
-        out += self.t["b_dec"].astype(np.float64)
-        if "W_skip" in self.t:
-            out += x @ self.t["W_skip"].astype(np.float64).T
-        return out
-
-
-def select(pre: np.ndarray, activation: str, k: int) -> np.ndarray:
-    if activation == "groupmax":
-        n, m = pre.shape
-        return pre.reshape(n, k, m // k).argmax(axis=-1) + np.arange(k) * (m // k)
-    return np.argpartition(-pre, k - 1, axis=1)[:, :k]
-
-
-def _boundary(pre: np.ndarray, activation: str, k: int) -> np.ndarray:
-    """Per entry, the value it must reach to be selected: the row's k-th largest (topk) or its group's max."""
-    n, m = pre.shape
-    if activation == "groupmax":
-        return np.repeat(pre.reshape(n, k, m // k).max(axis=-1), m // k, axis=1)
-    kth = -np.partition(-pre, k - 1, axis=1)[:, k - 1]
-    return np.broadcast_to(kth[:, None], pre.shape)
-
+# ---- the proof ----
 
 def _selected_mask(indices: np.ndarray, m: int) -> np.ndarray:
     mask = np.zeros((len(indices), m), dtype=bool)
@@ -236,9 +189,9 @@ def verify(src_ref, out_ref, d_in: int, low_precision: bool, seed: int = 0, wher
 
     check("pre_acts", pre_s, pre_o)
     tol_abs = tol * max(np.abs(pre_s).max(), 1e-30)
-    idx_s, idx_o = select(pre_s, activation, k), select(pre_o, activation, k)
+    idx_s, idx_o = select_indices(pre_s, activation, k), select_indices(pre_o, activation, k)
     # the output's selection must be a valid one for the source's values ...
-    bound = _boundary(pre_s, activation, k)
+    bound = selection_boundary(pre_s, activation, k)
     chosen_o = np.take_along_axis(pre_s, idx_o, axis=1)
     if (chosen_o < np.take_along_axis(bound, idx_o, axis=1) - 2 * tol_abs).any():
         raise VerificationError(f"{where}: verification failed: the converted checkpoint selects latents the source "
@@ -303,13 +256,13 @@ def _read_sparsify_extras(folder: Path) -> dict:
 
 
 def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None, do_verify: bool,
-                 model_name: str | None, seed: int) -> HookpointReport:
+                 run_info: dict, seed: int, hook_names: str) -> HookpointReport:
     fmt = detect_format(folder)
     where = str(folder)
     if fmt == "sparsify":
         cfg, d_in, d_out, tensors = load_checkpoint_numpy(folder)
         extras = _read_sparsify_extras(folder)
-        src_ref, stored = OursReference(cfg, tensors), tensors
+        src_ref, stored = SparseCoderReference(cfg, tensors), tensors
         notes = []
     else:
         ck = saelens.read_saelens(folder)
@@ -318,6 +271,11 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
         notes = list(extras["saelens"].get("conversion_notes", []))
         if ck.reshape_activations == "hook_z":
             notes.append("reshape_activations='hook_z': feed inputs flattened to [..., n_heads * d_head]")
+        hookpoint = saelens.sparsify_hookpoint(ck.metadata, ck.architecture != saelens.TOPK)
+        hook = ck.metadata.get("hook_name")
+        if to == "sparsify":
+            notes.append(f"hookpoint {hookpoint} (from hook_name {hook})" if hookpoint is not None else
+                         f"no sparsify hookpoint for hook_name {hook!r}: name the folder after the module yourself")
     target_dtype = dtype or _source_dtype(stored)
     tensors = _cast(tensors, target_dtype, where)
     report = HookpointReport(name, fmt, to, target_dtype, out, notes=notes)
@@ -334,8 +292,8 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
             metadata = dict(previous.get("metadata") or {})
             reshape = previous.get("reshape_activations", "none")
         else:
-            metadata = {"model_name": model_name, "hook_name": _tl_hook_name(name), "sparsify_hookpoint": name,
-                        "converted_by": "sae_core.convert"}
+            metadata, hook_notes = saelens.export_metadata(name, cfg.transcode, run_info, hook_names)
+            report.notes.extend(hook_notes)
             reshape = "none"
         sl_cfg, sl_tensors = saelens.ours_to_saelens(cfg, d_in, d_out, tensors, metadata=metadata,
                                                      reshape_activations=reshape, where=where)
@@ -344,7 +302,7 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
     if do_verify:
         if to == "sparsify":
             cfg2, _, _, written = load_checkpoint_numpy(out)
-            out_ref, written_dtypes = OursReference(cfg2, written), {_dtype_name(t) for t in written.values()}
+            out_ref, written_dtypes = SparseCoderReference(cfg2, written), {_dtype_name(t) for t in written.values()}
         else:
             ck2 = saelens.read_saelens(out)
             out_ref, written_dtypes = saelens.SaeLensReference(ck2), {_dtype_name(t) for t in ck2.tensors.values()}
@@ -355,6 +313,23 @@ def _convert_one(name: str, folder: Path, out: Path, to: str, dtype: str | None,
 
 
 # ---- the whole conversion ----
+
+def _output_names(items: list[tuple[str, Path]], to: str) -> dict[str, str]:
+    """Folder names of a converted run: SAELens coders imported into sparsify's layout are named by their sparsify
+    hookpoint (blocks.3.hook_resid_post -> layers.3: what load_many and `sae eval` hook), where every one maps and
+    the names stay distinct; otherwise (and in every other direction) the source's folder names are kept."""
+    if to != "sparsify":
+        return {}
+    mapped = {}
+    for name, folder in items:
+        if detect_format(folder) != "saelens":
+            return {}
+        hookpoint = saelens.read_hookpoint(folder)
+        if hookpoint is None:
+            return {}
+        mapped[name] = hookpoint
+    return mapped if len(set(mapped.values())) == len(mapped) else {}
+
 
 def _normalise_dtype(dtype):
     if dtype is None:
@@ -374,18 +349,31 @@ def _is_within(path: Path, other: Path) -> bool:
 
 
 def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, hookpoint=None, *,
-            overwrite: bool = False, seed: int = 0) -> list[HookpointReport]:
+            overwrite: bool = False, seed: int = 0, revision: str | None = None,
+            hook_names: str = "transformer-lens") -> list[HookpointReport]:
     """Convert a hookpoint folder or a run folder `src` into format `to` ("sparsify" or "saelens") at `dst`.
+
+    `src` may also be a Hugging Face Hub repo name (a string that is no existing folder): then only the `hookpoint`
+    folders (all when None) and the run's config.json are downloaded, at `revision` (see `sae_core.hub`).
 
     `dtype` ("fp32", "bf16", "fp16"; None keeps the source's), `hookpoint` (a name or a list: only these folders of a
     run folder), `verify` (prove each output from disk against the source; see the module docstring), `overwrite`
-    (replace an existing non-empty `dst`, atomically). A run folder gives a run folder with the same subfolder names;
+    (replace an existing non-empty `dst`, atomically), `hook_names` (to SAELens: "transformer-lens" or "hf", see
+    `saelens.export_metadata`). A run folder gives a run folder with the same subfolder names (SAELens coders into
+    sparsify's layout: named by their sparsify hookpoint where every one has one);
     a hookpoint folder gives a hookpoint folder. Raises UserError/CheckpointError/VerificationError with a clear
     message, and then `dst` is untouched. Returns one report per hookpoint.
     """
     if to not in FORMATS:
         raise UserError(f"unknown target format {to!r}: choose one of {', '.join(FORMATS)}")
     dtype = _normalise_dtype(dtype)
+    if hook_names not in saelens.HOOK_VOCABULARIES:
+        raise UserError(f"unknown hook-name vocabulary {hook_names!r}: choose "
+                        f"{' or '.join(saelens.HOOK_VOCABULARIES)}")
+    if not hub.is_local(src):
+        wanted = [hookpoint] if isinstance(hookpoint, str) else (list(hookpoint) if hookpoint else None)
+        src = hub.resolve_source(str(src), wanted, revision=revision,
+                                 weights_files=(WEIGHTS_FILE, saelens.WEIGHTS_FILE), extra_files=("config.json",))
     src, dst = Path(src), Path(dst)
     is_run, items = find_hookpoints(src, hookpoint)
     src_abs, dst_abs = src.resolve(), dst.resolve()
@@ -396,7 +384,7 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
             raise UserError(f"{dst}: exists and is not a folder")
         if any(dst.iterdir()) and not overwrite:
             raise UserError(f"{dst}: exists and is not empty; choose a new destination or pass --overwrite")
-    model_name = _model_name(src if is_run else src.parent)
+    run_info = _run_info(src if is_run else src.parent)
 
     created = []
     parent = dst_abs.parent
@@ -411,9 +399,10 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
         reports = []
+        out_names = _output_names(items, to) if is_run else {}
         for name, folder in items:
-            out = staging / name if is_run else staging
-            reports.append(_convert_one(name, folder, out, to, dtype, verify, model_name, seed))
+            out = staging / out_names.get(name, name) if is_run else staging
+            reports.append(_convert_one(name, folder, out, to, dtype, verify, run_info, seed, hook_names))
         if is_run and (src / "config.json").is_file():
             shutil.copy2(src / "config.json", staging / "config.json")  # sparsify's run config, informational
         if dst_abs.exists():
@@ -440,7 +429,7 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     for report in reports:
-        report.path = dst_abs / report.name if is_run else dst_abs
+        report.path = dst_abs / out_names.get(report.name, report.name) if is_run else dst_abs
     return reports
 
 
@@ -459,11 +448,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "  sae convert runs/smollm2 out/smollm2-saelens --to saelens\n"
         "  sae convert runs/smollm2 out/one --to saelens --hookpoint layers.6 --dtype bf16\n"
         "  sae convert my-saelens-sae runs/imported/layers.6 --to sparsify\n"
+        "  sae convert EleutherAI/sae-llama-3-8b-32x out/llama --to saelens --hookpoint layers.10\n"
         + textwrap.fill("TopK transcoders are written to SAELens as architecture 'topk_transcoder' / "
                         "'topk_skip_transcoder' (SAELens has only ReLU transcoders); call "
                         "sae_core.saelens.register_with_sae_lens() before SAE.load_from_disk.", width=79))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", metavar="SRC", help="a hookpoint folder, or a run folder whose subfolders are hookpoints")
+    parser.add_argument("src", metavar="SRC",
+                        help="a hookpoint folder, a run folder whose subfolders are hookpoints, or a Hugging Face "
+                             "Hub repo of them (e.g. EleutherAI/sae-llama-3-8b-32x)")
     parser.add_argument("dst", metavar="DST", help="where to write (must not exist or be empty, unless --overwrite); "
                                                    "a run folder in gives a run folder out")
     parser.add_argument("--to", required=True, choices=FORMATS, help="target format")
@@ -474,13 +466,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the numerical check of the written output against the source")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST (atomically)")
+    parser.add_argument("--hook-names", dest="hook_names", choices=saelens.HOOK_VOCABULARIES,
+                        default="transformer-lens",
+                        help="to SAELens: TransformerLens hook names (blocks.N.hook_resid_post, ...) for models it "
+                             "supports, or hf: the model's module paths for SAELens's AutoModelForCausalLM wrapper "
+                             "(any HF model; exact for transcoders) [default: transformer-lens]")
+    parser.add_argument("--revision", default=None, metavar="REV",
+                        help="with a hub name: the branch, tag or commit to read [default: main]")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         reports = convert(args.src, args.dst, to=args.to, dtype=args.dtype, verify=args.verify,
-                          hookpoint=args.hookpoint, overwrite=args.overwrite)
+                          hookpoint=args.hookpoint, overwrite=args.overwrite, revision=args.revision,
+                          hook_names=args.hook_names)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -40,6 +40,17 @@ How ours maps (SPEC section 1/2):
   autoencoder, and from SAELens every architecture but topk / topk_transcoder / topk_skip_transcoder (standard ReLU,
   jumprelu thresholds, gated, abstopk, ReLU transcoders, ...), normalize_activations other than "none" (the function
   depends on an unfolded statistic or a per-token normalisation), a non-trivial finetuning `scaling_factor`.
+- Hook names (`transformer_lens_hooks`, `sparsify_hookpoint`): the export writes `metadata.hook_name` (and, for
+  transcoders, `hook_name_out`) in TransformerLens's vocabulary, which SAELens tools use to attach a coder:
+  layers.N -> blocks.N.hook_resid_post, layers.N.mlp -> blocks.N.hook_mlp_out, layers.N.self_attn ->
+  blocks.N.hook_attn_out; transcoders layers.N.mlp: blocks.N.ln2.hook_normalized -> blocks.N.hook_mlp_out (GPT-2's
+  h.N and Pythia's attention names too), with `model_name`, `model_class_name`, `context_size`, `dataset_path` from
+  the run; or (`hook_names="hf"`) the HF module paths of SAELens's AutoModelForCausalLM wrapper, exact for
+  transcoders too. Import maps both back (a run folder of SAELens coders becomes folders named by sparsify hookpoint).
+  SAELens's own sparsify importer (get_sparsify_config_from_disk, read in sae-lens 6.18.0) maps every folder matching
+  `layers[._]N` to blocks.N.hook_resid_post (layers.N.mlp included), sets dtype "bfloat16" whatever is stored,
+  ignores transcode/d_out and W_skip, sets apply_b_dec_to_input = not normalize_decoder (sparsify always subtracts
+  b_dec from an autoencoder's input), and transposes W_dec.
 - What the other side cannot hold travels as metadata: our config in SAELens `metadata["sparsify"]`, SAELens's
   metadata/architecture in an extra `saelens` key of our cfg.json (extra keys are ignored by sparsify and by us), so
   ours -> SAELens -> ours restores the config exactly (multi_topk, normalize_decoder, expansion_factor included).
@@ -53,6 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import reference
 from .checkpoint import FLOAT_DTYPES, load_safetensors_numpy, read_header, save_safetensors_numpy, write_text_atomic
 from .config import SparseCoderConfig
 from .errors import CheckpointError, UserError
@@ -84,8 +96,6 @@ REFUSED = {
     "matching_pursuit": "a matching-pursuit SAE (iterative residual encoding); ours are TopK",
 }
 
-_DTYPE_NAMES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
-
 
 @dataclass
 class SaeLensCheckpoint:
@@ -106,10 +116,6 @@ class SaeLensCheckpoint:
     @property
     def skip(self) -> bool:
         return "W_skip" in self.tensors
-
-
-def is_saelens_folder(folder: Path) -> bool:
-    return (Path(folder) / WEIGHTS_FILE).is_file()
 
 
 def _bool(cfg: dict, key: str, default: bool, where: str) -> bool:
@@ -305,6 +311,197 @@ def _major(version) -> int | None:
     return int(match.group()) if match else None
 
 
+# ---- hook names: sparsify's module paths <-> TransformerLens's hook names ----
+
+# A sparsify hookpoint is a module path inside the HF base model: `layers.N` (Llama, Qwen, Gemma, Mistral, SmolLM,
+# Pythia), `h.N` (GPT-2), with `.mlp` or the attention module (`self_attn`, `attn`, `attention`) below it. An
+# autoencoder reads the module's output; a transcoder reads its input and predicts its output.
+_LAYER_PATH = re.compile(r"(?:model\.|transformer\.|gpt_neox\.)?(?P<stack>layers|h)[._](?P<n>\d+)"
+                         r"(?:\.(?P<sub>mlp|self_attn|attn|attention))?")
+_EMBEDDINGS = ("embed_tokens", "model.embed_tokens", "wte", "transformer.wte", "embed_in", "gpt_neox.embed_in")
+NORM_CAVEAT = ("TransformerLens's {hook} is the normalised input before the {norm} norm's own weight (and bias) "
+               "are applied, but the transcoder was trained on the module's actual input, after them: at that hook "
+               "it is exact only where that weight is all ones (and the bias zero); otherwise fold them into W_enc "
+               "and b_enc (and W_skip) first")
+
+
+def transformer_lens_hooks(hookpoint: str, transcode: bool) -> tuple[str, str | None, str | None] | None:
+    """(hook_name, hook_name_out or None, caveat or None) in TransformerLens's vocabulary for a sparsify hookpoint;
+    None where TransformerLens has no hook for it. Autoencoders: layers.N -> blocks.N.hook_resid_post, layers.N.mlp
+    -> blocks.N.hook_mlp_out, layers.N.self_attn -> blocks.N.hook_attn_out, embed_tokens -> hook_embed.
+    Transcoders (input -> output): layers.N -> hook_resid_pre -> hook_resid_post, layers.N.mlp ->
+    ln2.hook_normalized -> hook_mlp_out, layers.N.self_attn -> ln1.hook_normalized -> hook_attn_out."""
+    if hookpoint in _EMBEDDINGS:
+        return None if transcode else ("hook_embed", None, None)
+    match = _LAYER_PATH.fullmatch(hookpoint)
+    if match is None:
+        return None
+    n, sub = int(match["n"]), match["sub"]
+    kind = "resid" if sub is None else ("mlp" if sub == "mlp" else "attn")
+    out = {"resid": f"blocks.{n}.hook_resid_post", "mlp": f"blocks.{n}.hook_mlp_out",
+           "attn": f"blocks.{n}.hook_attn_out"}[kind]
+    if not transcode:
+        return out, None, None
+    if kind == "resid":
+        return f"blocks.{n}.hook_resid_pre", out, None
+    norm = "ln2" if kind == "mlp" else "ln1"
+    hook = f"blocks.{n}.{norm}.hook_normalized"
+    return hook, out, NORM_CAVEAT.format(hook=hook, norm=norm)
+
+
+def _naming(model_name) -> tuple[str, str, str]:
+    """(layer stack, attention module, embedding module) of sparsify's hookpoints for a model family."""
+    family = _family(model_name)
+    return {"gpt2": ("h", "attn", "wte"), "neox": ("layers", "attention", "embed_in")}.get(
+        family, ("layers", "self_attn", "embed_tokens"))
+
+
+def _family(model_name) -> str:
+    name = model_name.lower() if isinstance(model_name, str) else ""
+    if "gpt2" in name or "gpt-2" in name:
+        return "gpt2"
+    if "pythia" in name or "neox" in name:
+        return "neox"
+    if re.search(r"gemma-?[23]", name):
+        return "gemma2"  # a norm before the MLP (pre_feedforward_layernorm) and one after it
+    return "llama"
+
+
+# HF causal LMs: the base model's attribute (HookedProxyLM names modules from the CausalLM down), and the norm
+# modules whose outputs are the MLP's and the attention's inputs.
+_HF_LAYOUT = {  # family: (base prefix, norm before the MLP, norm before the attention)
+    "llama": ("model", "post_attention_layernorm", "input_layernorm"),
+    "gemma2": ("model", "pre_feedforward_layernorm", "input_layernorm"),
+    "gpt2": ("transformer", "ln_2", "ln_1"),
+    "neox": ("gpt_neox", "post_attention_layernorm", "input_layernorm"),
+}
+
+
+def hf_module_hooks(hookpoint: str, transcode: bool, model_name) -> tuple[str, str | None] | None:
+    """(hook_name, hook_name_out or None) as SAELens's HookedProxyLM (model_class_name "AutoModelForCausalLM") names
+    them: the HF CausalLM's module paths, each hooking that module's output, exactly the tensors sparsify taps.
+    A transcoder reads its module's input, which is the output of the norm module before it (None where no module
+    outputs exactly that input)."""
+    prefix, mlp_norm, attn_norm = _HF_LAYOUT[_family(model_name)]
+    bare = hookpoint[len(prefix) + 1:] if hookpoint.startswith(prefix + ".") else hookpoint
+    full = f"{prefix}.{bare}"
+    if not transcode:
+        return full, None
+    match = _LAYER_PATH.fullmatch(bare)
+    if match is None:
+        return None
+    stack, n = match["stack"], int(match["n"])
+    if match["sub"] is None:
+        # a whole layer reads the previous layer's output; layer 0 reads the embeddings after model-specific
+        # scaling or positions, which no module outputs
+        return (f"{prefix}.{stack}.{n - 1}", full) if n > 0 else None
+    norm = mlp_norm if match["sub"] == "mlp" else attn_norm
+    return f"{prefix}.{stack}.{n}.{norm}", full
+
+
+def _strip_hf_prefix(hook: str, model_name) -> str | None:
+    prefix = _HF_LAYOUT[_family(model_name)][0]
+    return hook[len(prefix) + 1:] if hook.startswith(prefix + ".") else None
+
+
+_TL_HOOK = re.compile(r"blocks\.(?P<n>\d+)\.(?P<hook>hook_resid_post|hook_resid_pre|hook_mlp_out|hook_attn_out|"
+                      r"ln2\.hook_normalized|ln1\.hook_normalized)")
+
+
+def sparsify_hookpoint(metadata: dict, transcoder: bool) -> str | None:
+    """The reverse of `transformer_lens_hooks` and `hf_module_hooks`: the sparsify hookpoint (the HF module path,
+    named as the model family in `model_name` names its modules) of a SAELens coder's metadata; None where there is none (a head index, an
+    unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"]) comes back as it was."""
+    saved = metadata.get("sparsify_hookpoint")
+    if isinstance(saved, str) and saved:
+        return saved
+    if metadata.get("hook_head_index") is not None:
+        return None
+    stack, attn, embed = _naming(metadata.get("model_name"))
+    hook, hook_out = metadata.get("hook_name"), metadata.get("hook_name_out")
+    if not isinstance(hook, str):
+        return None
+    if metadata.get("model_class_name") == "AutoModelForCausalLM":  # HF module paths (HookedProxyLM)
+        target = hook_out if transcoder else hook
+        return _strip_hf_prefix(target, metadata.get("model_name")) if isinstance(target, str) else None
+    if hook == "hook_embed" and not transcoder:
+        return embed
+    match = _TL_HOOK.fullmatch(hook)
+    if match is None:
+        return None
+    n, kind = int(match["n"]), match["hook"]
+    if not transcoder:
+        if kind == "hook_resid_pre":
+            return f"{stack}.{n - 1}" if n > 0 else None  # block 0's input is the embedding (plus positions)
+        return {"hook_resid_post": f"{stack}.{n}", "hook_mlp_out": f"{stack}.{n}.mlp",
+                "hook_attn_out": f"{stack}.{n}.{attn}"}.get(kind)
+    expected_out = {"hook_resid_pre": f"blocks.{n}.hook_resid_post", "ln2.hook_normalized": f"blocks.{n}.hook_mlp_out",
+                    "ln1.hook_normalized": f"blocks.{n}.hook_attn_out"}.get(kind)
+    if expected_out is None or hook_out != expected_out:
+        return None
+    return {"hook_resid_pre": f"{stack}.{n}", "ln2.hook_normalized": f"{stack}.{n}.mlp",
+            "ln1.hook_normalized": f"{stack}.{n}.{attn}"}[kind]
+
+
+def read_hookpoint(folder: Path) -> str | None:
+    """The sparsify hookpoint of a SAELens folder from its cfg.json alone (None where it has none or cannot be read;
+    `read_saelens` reports a bad folder)."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        cfg = _normalise_config(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, CheckpointError):
+        return None
+    metadata = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    return sparsify_hookpoint(metadata, cfg.get("architecture") not in (None, TOPK, "standard"))
+
+
+HOOK_VOCABULARIES = ("transformer-lens", "hf")
+
+
+def export_metadata(hookpoint: str, transcode: bool, run: dict,
+                    hook_names: str = "transformer-lens") -> tuple[dict, list[str]]:
+    """(SAELens metadata, notes) for our coder at `hookpoint`; `run` holds what the run folder says about training
+    (model, dataset, ctx_len: sparsify's config.json or our state.json). SAELens reads `hook_name` (and
+    `hook_name_out` for transcoders) to attach the coder, `model_name`/`model_class_name` to load the model.
+    `hook_names`: "transformer-lens" (HookedTransformer's names, for models TransformerLens supports) or "hf" (the HF
+    module paths of SAELens's HookedProxyLM: any HF causal LM, and exact for transcoders)."""
+    if hook_names not in HOOK_VOCABULARIES:
+        raise UserError(f"unknown hook-name vocabulary {hook_names!r}: choose {' or '.join(HOOK_VOCABULARIES)}")
+    notes = []
+    meta = {"model_name": run.get("model"), "hook_head_index": None}
+    tl = transformer_lens_hooks(hookpoint, transcode) if hook_names == "transformer-lens" else None
+    hf = hf_module_hooks(hookpoint, transcode, run.get("model")) if hook_names == "hf" else None
+    if tl is not None:
+        hook, hook_out, caveat = tl
+        meta.update(hook_name=hook, model_class_name="HookedTransformer")
+        if caveat:
+            notes.append(caveat + "; or export with --hook-names hf, whose hooks are exact")
+    elif hf is not None:
+        hook, hook_out = hf
+        meta.update(hook_name=hook, model_class_name="AutoModelForCausalLM")
+    else:
+        hook, hook_out = hookpoint, (hookpoint if transcode else None)
+        meta["hook_name"] = hook
+        vocabulary = "TransformerLens" if hook_names == "transformer-lens" else "HookedProxyLM"
+        notes.append(f"{vocabulary} has no hook for {hookpoint!r}: hook_name is sparsify's module path")
+    notes.insert(0, f"hook_name {meta['hook_name']}" + (f" -> hook_name_out {hook_out}" if transcode else ""))
+    if transcode:
+        meta.update(hook_name_out=hook_out, hook_head_index_out=None)
+    if isinstance(run.get("ctx_len"), int):
+        meta["context_size"] = run["ctx_len"]
+    dataset = run.get("dataset")
+    if isinstance(dataset, str) and _looks_like_hub_dataset(dataset):
+        meta["dataset_path"] = dataset
+    meta.update(sparsify_hookpoint=hookpoint, converted_by="sae_core.convert")
+    return meta, notes
+
+
+def _looks_like_hub_dataset(name: str) -> bool:
+    """A hub dataset id (org/name), not a local file or folder, nor one of our built-in texts."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None
+            and not Path(name).expanduser().exists())
+
+
 def ours_to_saelens(cfg: SparseCoderConfig, d_in: int, d_out: int, tensors: dict[str, np.ndarray], *,
                     metadata: dict | None = None, reshape_activations: str = "none",
                     where: str = "checkpoint") -> tuple[dict, dict[str, np.ndarray]]:
@@ -325,7 +522,8 @@ def ours_to_saelens(cfg: SparseCoderConfig, d_in: int, d_out: int, tensors: dict
     dtype = {"float32": "float32", "float64": "float64", "float16": "float16", "bfloat16": "bfloat16"}.get(
         dtypes.pop() if len(dtypes) == 1 else "", None)
     if dtype is None:
-        raise UserError(f"{where}: tensors of mixed or unsupported dtypes {sorted({np.dtype(v.dtype).name for v in out.values()})}; "
+        names = sorted({np.dtype(v.dtype).name for v in out.values()})
+        raise UserError(f"{where}: tensors of mixed or unsupported dtypes {names}; "
                         f"pass a dtype to convert them to one")
     meta = {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None}
     meta.update(metadata or {})
@@ -349,10 +547,6 @@ def write_saelens(folder: Path, cfg: dict, tensors: dict[str, np.ndarray]) -> No
     folder.mkdir(parents=True, exist_ok=True)
     save_safetensors_numpy(folder / WEIGHTS_FILE, tensors)
     write_text_atomic(folder / CONFIG_FILE, json.dumps(cfg, indent=2) + "\n")
-
-
-def saelens_dtype_name(safetensors_dtype: str) -> str:
-    return _DTYPE_NAMES[safetensors_dtype]
 
 
 # ---- SAELens's forward in float64 (the reference the conversion is checked against) ----
@@ -381,26 +575,18 @@ class SaeLensReference:
 
     def pre_acts(self, x: np.ndarray) -> np.ndarray:
         t = self.ck.tensors
+        x = np.asarray(x, dtype=np.float64)
         x_in = x - t["b_dec"].astype(np.float64) if self.ck.apply_b_dec_to_input else x
-        pre = np.empty((len(x), self.num_latents))
-        for start in range(0, self.num_latents, self.chunk):
-            sl = slice(start, start + self.chunk)
-            pre[:, sl] = x_in @ t["W_enc"][:, sl].astype(np.float64) + t["b_enc"][sl].astype(np.float64)
+        pre = reference.pre_activations(x_in, t["W_enc"].T, t["b_enc"], self.chunk)  # W_enc is [d_in, d_sae]
         if self.norms is not None:
-            pre *= self.norms
-        return np.maximum(pre, 0.0)
+            pre *= self.norms  # relu commutes with the positive decoder norms
+        return pre
 
     def decode(self, x: np.ndarray, indices: np.ndarray, acts: np.ndarray) -> np.ndarray:
         t = self.ck.tensors
-        w_dec = t["W_dec"]
-        out = np.empty((len(x), self.ck.d_out))
-        for n in range(len(x)):
-            a = acts[n] / self.norms[indices[n]] if self.norms is not None else acts[n]
-            out[n] = a @ w_dec[indices[n]].astype(np.float64)
-        out += t["b_dec"].astype(np.float64)
-        if self.ck.skip:
-            out += x @ t["W_skip"].astype(np.float64).T
-        return out
+        if self.norms is not None:
+            acts = acts / self.norms[indices]
+        return reference.reconstruct(x, acts, indices, t["W_dec"], t["b_dec"], t.get("W_skip"))
 
 
 # ---- making SAELens itself load our TopK transcoders ----

@@ -33,7 +33,6 @@ Differences forced by MLX (everything else is name for name the torch module):
 """
 from __future__ import annotations
 
-import fnmatch
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -45,7 +44,7 @@ from mlx.utils import tree_flatten
 
 from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, write_config
 from sae_core.config import SparseCoderConfig
-from sae_core.errors import CheckpointError
+from sae_core.hub import coder_folders, hub_coder_folder
 
 from .kernels.row_subset import subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode
@@ -362,23 +361,21 @@ class SparseCoder(nn.Module):
         return sae
 
     @classmethod
-    def load_many(cls, path: str | Path, layers: list[str] | None = None, *, decoder: bool = True,
-                  pattern: str | None = None) -> dict[str, "SparseCoder"]:
-        """Load every hookpoint folder of a run folder, optionally only `layers` or those matching `pattern`."""
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: run folder not found")
-        names = sorted(p.name for p in path.iterdir() if (p / "cfg.json").is_file())
-        if layers is not None:
-            missing = sorted(set(layers) - set(names))
-            if missing:
-                raise CheckpointError(f"{path}: no hookpoint folder(s) {', '.join(missing)}; found {', '.join(names)}")
-            names = [n for n in names if n in layers]
-        if pattern is not None:
-            names = [n for n in names if fnmatch.fnmatch(n, pattern)]
-        if not names:
-            raise CheckpointError(f"{path}: no hookpoint folders (each holds cfg.json and sae.safetensors)")
-        return {name: cls.load_from_disk(path / name, decoder=decoder) for name in names}
+    def load_many(cls, name_or_path: str | Path, local: bool | None = None, layers: list[str] | None = None, *,
+                  decoder: bool = True, pattern: str | None = None, dtype: mx.Dtype | None = None,
+                  revision: str | None = None) -> dict[str, "SparseCoder"]:
+        """sparsify's load_many: every hookpoint folder of a run folder or a Hugging Face Hub repo (natural order),
+        optionally only `layers` or those matching `pattern` (only those are downloaded). `local=None` reads an
+        existing folder, else a hub name; `revision` picks a hub branch, tag or commit."""
+        folders = coder_folders(name_or_path, layers, pattern=pattern, revision=revision, local=local)
+        return {name: cls.load_from_disk(folder, decoder=decoder, dtype=dtype) for name, folder in folders.items()}
+
+    @classmethod
+    def load_from_hub(cls, name: str, hookpoint: str | None = None, *, decoder: bool = True,
+                      dtype: mx.Dtype | None = None, revision: str | None = None) -> "SparseCoder":
+        """sparsify's load_from_hub: the coder in folder `hookpoint` of hub repo `name` (only that folder is
+        downloaded; None: a repo holding one coder at its root), through huggingface_hub's cache and settings."""
+        return cls.load_from_disk(hub_coder_folder(name, hookpoint, revision=revision), decoder=decoder, dtype=dtype)
 
 
 def _dead_latents(dead_mask: mx.array) -> mx.array:

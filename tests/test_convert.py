@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -26,6 +27,7 @@ from sae_core import convert as conv
 from sae_core import saelens
 from sae_core.checkpoint import load_checkpoint_numpy, load_safetensors_numpy, read_header, save_safetensors_numpy
 from sae_core.errors import CheckpointError, UserError
+from sae_core.reference import SparseCoderReference, select_indices
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "data" / "convert" / "saelens_probe.py"
@@ -121,13 +123,13 @@ def native_saelens(folder: Path, *, architecture="topk", d_in=23, d_sae=120, k=6
 
 
 def test_module_reference_matches_oracle():
-    """convert's own float64 forward (used for every proof) is SPEC section 2, as the oracle computes it."""
+    """The float64 forward that proves every conversion is the oracle's (one reference, chunked over latents)."""
     for kw in (dict(activation="groupmax"), dict(transcode=True, skip_connection=True), dict()):
         c = make_case(**kw)
-        ref = conv.OursReference(c.cfg, c.params, chunk=50)
+        ref = SparseCoderReference(c.cfg, c.params, chunk=50)
         x = conv.make_batch(ref, c.d_in)
         pre = ref.pre_acts(x)
-        idx = conv.select(pre, c.cfg.activation, c.cfg.k)
+        idx = select_indices(pre, c.cfg.activation, c.cfg.k)
         res = evaluate(c.params, x, _target(x, c.params), activation=c.cfg.activation, k=c.cfg.k,
                        transcode=c.cfg.transcode, selection=Selection(idx), grads=False)
         np.testing.assert_allclose(pre, res.pre_acts, rtol=1e-12, atol=1e-12)
@@ -499,6 +501,140 @@ def test_run_folder(tmp_path):
     assert not (tmp_path / "partial").exists() and no_leftovers(tmp_path)
 
 
+# ---- hook names, run metadata, dtype as stored ----
+
+HOOK_NAMES = [  # (hookpoint, model family, transcode, hook_name, hook_name_out)
+    ("layers.3", "HuggingFaceTB/SmolLM2-135M", False, "blocks.3.hook_resid_post", None),
+    ("layers.3.mlp", "meta-llama/Llama-3.2-1B", False, "blocks.3.hook_mlp_out", None),
+    ("layers.3.self_attn", "Qwen/Qwen2.5-0.5B", False, "blocks.3.hook_attn_out", None),
+    ("embed_tokens", "HuggingFaceTB/SmolLM2-135M", False, "hook_embed", None),
+    ("h.11", "gpt2", False, "blocks.11.hook_resid_post", None),
+    ("h.2.attn", "gpt2", False, "blocks.2.hook_attn_out", None),
+    ("layers.4.attention", "EleutherAI/pythia-70m", False, "blocks.4.hook_attn_out", None),
+    ("layers.5.mlp", "HuggingFaceTB/SmolLM2-135M", True, "blocks.5.ln2.hook_normalized", "blocks.5.hook_mlp_out"),
+    ("layers.5", "meta-llama/Llama-3.2-1B", True, "blocks.5.hook_resid_pre", "blocks.5.hook_resid_post"),
+    ("h.0.attn", "gpt2", True, "blocks.0.ln1.hook_normalized", "blocks.0.hook_attn_out"),
+]
+
+
+@pytest.mark.parametrize("hookpoint, model, transcode, hook, hook_out", HOOK_NAMES)
+def test_transformer_lens_hook_names_and_back(hookpoint, model, transcode, hook, hook_out):
+    meta, notes = saelens.export_metadata(hookpoint, transcode, {"model": model})
+    assert meta["hook_name"] == hook and meta.get("hook_name_out") == hook_out and meta["model_name"] == model
+    assert meta["model_class_name"] == "HookedTransformer" and meta["hook_head_index"] is None
+    assert ("hook_normalized" in hook) == any("before the" in note for note in notes)  # the norm-weight caveat
+    # the reverse mapping, from TransformerLens's names alone (as a SAELens-trained coder has them)
+    native = {k: v for k, v in meta.items() if k != "sparsify_hookpoint"}
+    assert saelens.sparsify_hookpoint(native, transcode) == hookpoint
+
+
+HF_HOOKS = [  # (hookpoint, model family, transcode, hook_name, hook_name_out): HookedProxyLM's module paths
+    ("layers.3", "HuggingFaceTB/SmolLM2-135M", False, "model.layers.3", None),
+    ("layers.3.mlp", "meta-llama/Llama-3.2-1B", True, "model.layers.3.post_attention_layernorm", "model.layers.3.mlp"),
+    ("layers.3.mlp", "google/gemma-2-2b", True, "model.layers.3.pre_feedforward_layernorm", "model.layers.3.mlp"),
+    ("layers.3.self_attn", "Qwen/Qwen2.5-0.5B", True, "model.layers.3.input_layernorm", "model.layers.3.self_attn"),
+    ("layers.4", "HuggingFaceTB/SmolLM2-135M", True, "model.layers.3", "model.layers.4"),
+    ("h.2.mlp", "gpt2", True, "transformer.h.2.ln_2", "transformer.h.2.mlp"),
+    ("h.2", "gpt2", False, "transformer.h.2", None),
+    ("layers.1.mlp", "EleutherAI/pythia-70m", True, "gpt_neox.layers.1.post_attention_layernorm",
+     "gpt_neox.layers.1.mlp"),
+]
+
+
+@pytest.mark.parametrize("hookpoint, model, transcode, hook, hook_out", HF_HOOKS)
+def test_hf_module_hook_names_and_back(hookpoint, model, transcode, hook, hook_out):
+    """--hook-names hf: SAELens's AutoModelForCausalLM wrapper hooks each module's output by its path; a transcoder's
+    input is its module's input, the output of the norm before it (exact, so no caveat)."""
+    meta, notes = saelens.export_metadata(hookpoint, transcode, {"model": model}, hook_names="hf")
+    assert meta["hook_name"] == hook and meta.get("hook_name_out") == hook_out
+    assert meta["model_class_name"] == "AutoModelForCausalLM" and not any("before the" in n for n in notes)
+    native = {k: v for k, v in meta.items() if k != "sparsify_hookpoint"}
+    assert saelens.sparsify_hookpoint(native, transcode) == hookpoint
+
+
+def test_reverse_mapping_edge_cases():
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.hook_resid_pre"}, False) == "layers.3"
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.0.hook_resid_pre"}, False) is None
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.attn.hook_z", "hook_head_index": None}, False) is None
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.hook_resid_post", "hook_head_index": 2}, False) is None
+    # a transcoder's pair must be the module's own input and output
+    assert saelens.sparsify_hookpoint({"hook_name": "blocks.4.ln2.hook_normalized",
+                                       "hook_name_out": "blocks.5.hook_mlp_out"}, True) is None
+    assert saelens.transformer_lens_hooks("layers.3.mlp.gate_proj", False) is None
+    meta, notes = saelens.export_metadata("layers.3.mlp.gate_proj", False, {})
+    assert meta["hook_name"] == "layers.3.mlp.gate_proj" and "model_class_name" not in meta
+    assert any("no hook" in note for note in notes)
+
+
+def test_run_metadata_from_our_state_json(tmp_path):
+    """Our own run folder (state.json): the built-in model's hub name, the context size; no local dataset path."""
+    run = tmp_path / "run"
+    make_case(transcode=True).write(run / "layers.5.mlp")
+    state = {"format": "sae-twins/train-state", "train_config": {"model": "builtin:smollm2", "dataset": "builtin:pydoc",
+                                                                 "ctx_len": 256}}
+    (run / "state.json").write_text(json.dumps(state))
+    (report,) = conv.convert(run, tmp_path / "sl", to="saelens")
+    meta = json.loads((tmp_path / "sl" / "layers.5.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["context_size"] == 256
+    assert meta["hook_name"] == "blocks.5.ln2.hook_normalized" and meta["hook_name_out"] == "blocks.5.hook_mlp_out"
+    assert "dataset_path" not in meta and meta["sparsify_hookpoint"] == "layers.5.mlp"
+    assert any("ln2.hook_normalized is the normalised input" in note for note in report.notes)
+    assert conv.main([str(run), str(tmp_path / "hf"), "--to", "saelens", "--hook-names", "hf"]) == 0
+    meta = json.loads((tmp_path / "hf" / "layers.5.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "model.layers.5.post_attention_layernorm"
+    assert meta["hook_name_out"] == "model.layers.5.mlp" and meta["model_class_name"] == "AutoModelForCausalLM"
+    (run / "state.json").unlink()
+    (run / "config.json").write_text(json.dumps({"model": "HuggingFaceTB/SmolLM2-135M", "ctx_len": 2048,
+                                                 "dataset": "EleutherAI/fineweb-edu-dedup-10b"}))
+    conv.convert(run, tmp_path / "sl2", to="saelens")
+    meta = json.loads((tmp_path / "sl2" / "layers.5.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["dataset_path"] == "EleutherAI/fineweb-edu-dedup-10b" and meta["context_size"] == 2048
+
+
+def test_saelens_run_imports_under_sparsify_hookpoints(tmp_path):
+    """A folder of SAELens coders named by SAELens's ids becomes a run folder named by sparsify's hookpoints, which
+    load_many reads and whose coders compute what the SAELens ones compute."""
+    src = tmp_path / "release"
+    native_saelens(src / "l3-resid", extra_cfg={"metadata": {"sae_lens_version": "6.18.0", "model_name": "gpt2",
+                                                             "hook_name": "blocks.3.hook_resid_post"}})
+    native_saelens(src / "l7-mlp", seed=4, extra_cfg={"metadata": {"sae_lens_version": "6.18.0",
+                                                                   "model_name": "gpt2",
+                                                                   "hook_name": "blocks.7.hook_mlp_out"}})
+    reports = conv.convert(src, tmp_path / "run", to="sparsify")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["h.3", "h.7.mlp"]
+    assert [r.path.name for r in reports] == ["h.3", "h.7.mlp"] and all(r.verified for r in reports)
+    assert any("hookpoint h.3 (from hook_name blocks.3.hook_resid_post)" in n for n in reports[0].notes)
+    from sae_torch import SparseCoder
+
+    assert list(SparseCoder.load_many(tmp_path / "run")) == ["h.3", "h.7.mlp"]
+    # back to SAELens: SAELens's own metadata (hook names, model) returns unchanged
+    conv.convert(tmp_path / "run", tmp_path / "again", to="saelens")
+    meta = json.loads((tmp_path / "again" / "h.7.mlp" / "cfg.json").read_text())["metadata"]
+    assert meta["hook_name"] == "blocks.7.hook_mlp_out" and meta["model_name"] == "gpt2"
+
+    # one coder without a sparsify name (a per-head hook): every folder keeps its own name
+    native_saelens(src / "l2-z", seed=5, extra_cfg={"metadata": {"sae_lens_version": "6.18.0", "model_name": "gpt2",
+                                                                 "hook_name": "blocks.2.attn.hook_z"}})
+    conv.convert(src, tmp_path / "kept", to="sparsify")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["l2-z", "l3-resid", "l7-mlp"]
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float16", "float64"])
+def test_dtype_is_kept_as_stored(tmp_path, stored):
+    """Without --dtype the SAELens copy keeps the source's dtype, and its cfg.json says so (SAELens casts every
+    tensor to cfg.json's dtype on load: a wrong one there would silently change the weights)."""
+    c = case("skip-transcoder")
+    dtype = np.dtype(ml_dtypes.bfloat16) if stored == "bfloat16" else np.dtype(stored)
+    c.params = {name: value.astype(dtype) for name, value in c.params.items()}
+    src = c.write(tmp_path / "src")
+    (report,) = conv.convert(src, tmp_path / "out", to="saelens")
+    header, _ = read_header(tmp_path / "out" / "sae_weights.safetensors")
+    names = {"bfloat16": "BF16", "float16": "F16", "float64": "F64"}
+    assert {info["dtype"] for info in header.values()} == {names[stored]} and "W_skip" in header
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["dtype"] == stored == report.dtype
+    assert report.verified
+
+
 # ---- CLI ----
 
 def test_cli(tmp_path, capsys):
@@ -592,3 +728,51 @@ def test_real_sae_lens(tmp_path):
     dense, sae_out = oracle_dense(cfg, params, x)
     assert_close(dense, got["feats"], 1e-5)
     assert_close(sae_out, got["out"], 1e-5)
+
+
+@pytest.mark.slow
+def test_sae_lens_reads_the_same_activations(tmp_path, tiny_model_dir):
+    """--hook-names hf, checked by SAELens itself: it loads the model our metadata names the way its tools do
+    (load_model with model_class_name AutoModelForCausalLM), reads the activations at hook_name / hook_name_out with
+    run_with_cache, and they are the tensors our trainer captures at the sparsify hookpoint (a transcoder's module
+    input and output included); the coder applied there computes what ours computes."""
+    python = _sae_lens_python()
+    if python is None:
+        pytest.skip("sae_lens is not importable here and SAE_LENS_PYTHON is not set (see the module docstring)")
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from sae_torch import SparseCoder
+    from sae_torch.activations import capture
+
+    run = tmp_path / "run"
+    d = 32  # the tiny model's hidden size
+    coders = {"layers.1": make_case(d_in=d, num_latents=64, k=4), "layers.2.mlp": make_case(
+        d_in=d, d_out=d, num_latents=64, k=4, transcode=True, skip_connection=True, seed=1)}
+    for name, c in coders.items():
+        c.write(run / name)
+    (run / "config.json").write_text(json.dumps({"model": str(tiny_model_dir)}))
+    conv.convert(run, tmp_path / "sl", to="saelens", hook_names="hf")
+    tokens = np.random.default_rng(0).integers(0, 1000, size=(2, 16))
+    np.save(tmp_path / "tokens.npy", tokens)
+    spec = {"tokens": str(tmp_path / "tokens.npy"), "folders": [str(tmp_path / "sl" / n) for n in coders],
+            "out": str(tmp_path / "hooks.npz")}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    probe = REPO / "tests" / "data" / "convert" / "saelens_hooks_probe.py"
+    done = subprocess.run([python, str(probe), str(REPO), str(tmp_path / "spec.json")], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = np.load(tmp_path / "hooks.npz")
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with capture(model, list(coders), True, stop_early=False) as ours, torch.no_grad():
+        model(input_ids=torch.from_numpy(tokens))
+    for i, name in enumerate(coders):
+        inp, out = (t.flatten(0, 1).float().numpy() for t in ours[name])
+        x = inp if coders[name].cfg.transcode else out
+        np.testing.assert_allclose(got[f"in{i}"], x, rtol=0, atol=1e-5 * np.abs(x).max(), err_msg=name)
+        if coders[name].cfg.transcode:
+            np.testing.assert_allclose(got[f"out{i}"], out, rtol=0, atol=1e-5 * np.abs(out).max(), err_msg=name)
+        with torch.no_grad():
+            expected = SparseCoder.load_from_disk(run / name)(torch.from_numpy(x)).sae_out.numpy()
+        assert_close(got[f"sae{i}"], expected, 1e-5)
