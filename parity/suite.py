@@ -118,14 +118,20 @@ def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None
 
 
 def check_case(path: str, case: Case, dtype: str, folder: Path, coder_cls=None) -> tuple[list[Row], dict]:
+    """One case on one path, loaded from its checkpoint file `folder`. The oracle evaluates the parameters the
+    fixture made (rounded to `dtype`), not what the path read back: a writer or reader that swaps two
+    equal-shaped tensors fails here, and the parameters the path held are compared with them bit for bit."""
     outputs, selection, params = run_path(path, case, dtype, folder, coder_cls)
     seen = case.rounded_to(dtype)
     kwargs = dict(activation=case.cfg.activation, k=case.cfg.k, transcode=case.cfg.transcode,
                   multi_topk=case.cfg.multi_topk, dead_mask=case.dead_mask, auxk_alpha=LOSS_AUXK_ALPHA)
-    ref = evaluate(params, seen.x, seen.y, selection=selection, **kwargs)
-    own = evaluate(params, seen.x, seen.y, **kwargs)
-    checks = compare_with_oracle(outputs, ref, own, dtype=dtype, activation=case.cfg.activation, k=case.cfg.k,
-                                 dead_mask=case.dead_mask)
+    ref = evaluate(seen.params, seen.x, seen.y, selection=selection, **kwargs)
+    own = evaluate(seen.params, seen.x, seen.y, **kwargs)
+    loaded = Check("parameters as loaded (vs the fixture's)",
+                   max(relative_max_error(params.get(name), value) if name in params else float("inf")
+                       for name, value in seen.params.items()), 0.0)
+    checks = [loaded] + compare_with_oracle(outputs, ref, own, dtype=dtype, activation=case.cfg.activation,
+                                            k=case.cfg.k, dead_mask=case.dead_mask)
     return [Row(path, case.name, dtype, c.quantity, c.error, c.ceiling, c.ok) for c in checks], outputs
 
 

@@ -79,3 +79,39 @@ def test_suite_catches_injected_bug(bug, expected):
     rows = run_suite(["torch-eager"], ("float32",), quick=True, coder_cls=bug)
     assert expected <= set(failing(rows)), failing(rows)
     assert not failing(run_suite(["torch-eager"], ("float32",), quick=True))  # the real coder passes the same cases
+
+
+class AuxKTakesEveryDeadLatent(SparseCoder):
+    """k_aux = num_dead instead of min(d_out // 2, num_dead): a valid selection, of the wrong size."""
+
+    def _aux_slots(self, dead_pre):
+        return dead_pre.topk(dead_pre.shape[-1], dim=-1, sorted=False).indices
+
+
+def test_suite_catches_a_wrong_auxk_count():
+    rows = run_suite(["torch-eager"], ("float32",), quick=True, coder_cls=AuxKTakesEveryDeadLatent)
+    assert "aux count" in failing(rows), failing(rows)
+
+
+def _swapping_writer(real):
+    """A checkpoint writer that swaps encoder.weight and W_dec whenever their shapes are equal (d_in == d_out)."""
+
+    def write(folder, cfg, d_in, d_out, tensors):
+        tensors = dict(tensors)
+        if tensors["encoder.weight"].shape == tensors["W_dec"].shape:
+            tensors["encoder.weight"], tensors["W_dec"] = tensors["W_dec"], tensors["encoder.weight"]
+        return real(folder, cfg, d_in, d_out, tensors)
+
+    return write
+
+
+def test_suite_compares_with_the_parameters_it_made(monkeypatch):
+    """The oracle evaluates the fixture's parameters, not what a path read back: a swapping writer fails."""
+    import parity.fixtures
+
+    monkeypatch.setattr(parity.fixtures, "save_checkpoint_numpy", _swapping_writer(parity.fixtures.save_checkpoint_numpy))
+    rows = run_suite(["torch-eager"], ("float32",), quick=True)
+    failed = failing(rows)
+    assert {"parameters as loaded (vs the fixture's)", "sae_out", "grad W_dec"} <= set(failed), failed
+    # only the autoencoders (equal shapes) fail
+    assert {r.case for r in rows if not r.ok} == {r.case for r in rows if "transcoder" not in r.case}
