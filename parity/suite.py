@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -92,6 +93,48 @@ def available_paths() -> dict[str, str | None]:
     return reasons
 
 
+KERNEL_SUFFIXES = ("_reference", "_triton", "_metal")  # the implementations behind each backend's dispatchers
+
+
+def _kernel_modules(path: str) -> list:
+    """The modules whose kernel functions a path may run: the backend's kernel modules and its sparse coder (which
+    imports `subset_decode`, the dense-subset AuxK, into its own namespace)."""
+    import importlib
+
+    backend = "sae_torch" if path.startswith("torch") else "sae_mlx"
+    return [importlib.import_module(f"{backend}.{name}")
+            for name in ("kernels.sparse_rows", "kernels.row_subset", "sparse_coder")]
+
+
+@contextlib.contextmanager
+def recording_kernels(path: str):
+    """Within this context every kernel implementation the path calls (a module-level function of its kernel
+    modules named *_reference, *_triton or *_metal, and `subset_decode`) is recorded by name, in order of first
+    use; yields that list. The dispatchers look these functions up as module globals, so wrapping them there
+    sees every call, also from autograd functions, custom vjps and `mx.compile` tracing."""
+    ran: list[str] = []
+    patched = []
+    for module in _kernel_modules(path):
+        for name, fn in list(vars(module).items()):
+            if not (inspect.isfunction(fn) and (name.endswith(KERNEL_SUFFIXES) or name == "subset_decode")):
+                continue
+            if name.startswith(("_", "plan_", "use_")):  # helpers and the dispatch predicates
+                continue
+
+            def spy(*args, _fn=fn, _name=name, **kwargs):
+                if _name not in ran:
+                    ran.append(_name)
+                return _fn(*args, **kwargs)
+
+            setattr(module, name, spy)
+            patched.append((module, name, fn))
+    try:
+        yield ran
+    finally:
+        for module, name, fn in reversed(patched):
+            setattr(module, name, fn)
+
+
 def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None):
     """Run one case on one path: (outputs, selection, params), the runner contract of parity.runners."""
     from . import runners
@@ -159,21 +202,26 @@ def select_cases(quick: bool, seed: int = 0) -> list[Case]:
 
 
 def run_suite(paths: list[str], dtypes=("float32", "bfloat16"), quick=False, seed=0, coder_cls=None,
-              progress=None) -> list[Row]:
+              progress=None, kernels: dict[str, list[str]] | None = None) -> list[Row]:
+    """Every case on every path (and the paths against the first one): the rows. `kernels`, if given, is filled
+    with {path: the kernel implementations that ran on it} (see `recording_kernels`)."""
     cases = select_cases(quick, seed)
     rows: list[Row] = []
     fp32_outputs: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="sae-parity-") as tmp:
         folders = {case.name: case.write(Path(tmp) / case.name) for case in cases}
         for path in paths:
-            for dtype in dtypes:
-                for case in cases:
-                    if progress:
-                        progress(path, case.name, dtype)
-                    case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
-                    rows += case_rows
-                    if dtype == "float32":
-                        fp32_outputs[path, case.name] = outputs
+            with recording_kernels(path) as ran:
+                for dtype in dtypes:
+                    for case in cases:
+                        if progress:
+                            progress(path, case.name, dtype)
+                        case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
+                        rows += case_rows
+                        if dtype == "float32":
+                            fp32_outputs[path, case.name] = outputs
+            if kernels is not None:
+                kernels[path] = list(ran)
     reference = paths[0] if paths else None
     for path in paths[1:]:
         for case in cases:
