@@ -37,8 +37,53 @@ def test_cli_triton_interpreter_and_json():
                            "--dtypes", "float32", "--json"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert report["ok"] and {r["path"] for r in report["rows"]} == {"torch-eager", "torch-triton"}
+    assert report["ok"], [(r["path"], r["case"], r["quantity"], r["error"]) for r in report["rows"] if not r["ok"]]
+    assert {r["path"] for r in report["rows"]} == {"torch-eager", "torch-triton", "step:torch"}
     assert any(r["quantity"].startswith("vs torch-eager") for r in report["rows"])
+    # the kernels that ran: the Triton ones in the child process, the references in torch-eager
+    assert set(report["kernels"]["torch-triton"]) >= {"gather_weighted_sum_triton", "gather_dot_triton",
+                                                      "scatter_outer_triton"}
+    assert not any(name.endswith("_triton") for name in report["kernels"]["torch-eager"])
+
+
+@pytest.mark.parametrize("path", ["torch-eager", "mlx-fallback", "metal-harness"])
+def test_suite_reports_the_kernels_each_path_ran(path):
+    reason = available_paths()[path]
+    if reason:
+        pytest.skip(reason)
+    kernels = {}
+    run_suite([path], ("float32",), quick=True, kernels=kernels)
+    kind = "_metal" if path == "metal-harness" else "_reference"
+    assert set(kernels[path]) == {f"{name}{kind}" for name in ("gather_weighted_sum", "gather_dot", "scatter_outer")} \
+        | {"subset_decode"}, kernels
+
+
+@pytest.mark.parametrize("suffix", [".json", ".md"])
+def test_cli_report_file(tmp_path, suffix):
+    """`--report FILE`: the machine, versions, every row (the step check's too) and the kernels, in one file."""
+    file = tmp_path / f"report{suffix}"
+    done = subprocess.run([sys.executable, "-m", "parity", "--paths", "torch-eager", "--quick", "--dtypes",
+                           "float32", "--report", str(file)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = file.read_text()
+    if suffix == ".md":
+        assert text.startswith("# sae-twins parity: PASS") and "| torch-eager | float32 | sae_out |" in text
+        text = text.split("```json\n", 1)[1].rsplit("```", 1)[0]
+    report = json.loads(text)
+    assert report["ok"] and report["checked"] == ["torch-eager"]
+    assert report["machine"]["architecture"] and report["machine"]["cpu_count"] >= 1
+    assert report["versions"]["python"] == f"{sys.version_info.major}.{sys.version_info.minor}." \
+        f"{sys.version_info.micro}" and report["versions"]["torch"] == torch.__version__
+    assert {"torch-eager", "step:torch"} == {r["path"] for r in report["rows"]}
+    assert len(report["rows"]) > len(report["summary"]) and all(r["ok"] for r in report["rows"])
+    assert "gather_dot_reference" in report["kernels"]["torch-eager"]
+    assert report["paths"]["mlx-metal"] == available_paths()["mlx-metal"]  # skipped paths keep their reason
+
+
+def test_cli_report_needs_an_existing_folder(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "parity", "--report", str(tmp_path / "missing" / "r.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--report" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_cli_rejects_unknown_path():
