@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .suite import Row, available_paths, run_suite, summarize
 
-PATH_ORDER = ("torch-eager", "torch-triton", "mlx-fallback", "mlx-metal", "metal-harness")
+PATH_ORDER = ("torch-eager", "torch-triton", "mlx-fallback", "mlx-metal", "mlx-compiled", "metal-harness")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,9 @@
 and against each other on the same checkpoint files.
 
 Paths: torch-eager, torch-triton (compiled on CUDA, the Triton interpreter on CPU), mlx-fallback, mlx-metal
-(Apple silicon), and metal-harness (our Metal kernel source compiled with g++ on Linux, run over its launch grid).
+(Apple silicon), mlx-compiled (the forward and backward under mx.compile, as the trainer's SAE_MLX_COMPILE=all
+runs them: Metal kernels on Apple silicon, else the MLX references), and metal-harness (our Metal kernel source
+compiled with g++ on Linux, run over its launch grid).
 """
 from __future__ import annotations
 
@@ -82,6 +84,7 @@ def available_paths() -> dict[str, str | None]:
         reasons["torch-triton"] = None  # on CPU it runs in a child process under TRITON_INTERPRET=1
     reasons["mlx-fallback"] = None if _has("mlx") else "mlx is not installed"
     reasons["mlx-metal"] = None if _metal() else "needs Apple-silicon Metal (mx.metal.is_available() is False)"
+    reasons["mlx-compiled"] = None if _has("mlx") else "mlx is not installed"
     if not _has("mlx"):
         reasons["metal-harness"] = "mlx is not installed"
     elif shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -152,6 +155,9 @@ def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None
     if path == "mlx-metal":
         with environment(SAE_EAGER="0"):
             return runners.run_mlx(case, dtype, checkpoint=checkpoint)
+    if path == "mlx-compiled":  # the kernels Metal would run where it can, else the MLX references
+        with environment(SAE_EAGER="0" if _metal() else "1"):
+            return runners.run_mlx(case, dtype, checkpoint=checkpoint, compiled=True)
     if path == "metal-harness":
         from .metal_harness import kernels_through_harness
 

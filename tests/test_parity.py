@@ -20,7 +20,7 @@ def test_torch_eager_passes_every_case_fp32_and_bf16():
     assert rows and not failing(rows)
 
 
-@pytest.mark.parametrize("path", ["mlx-fallback", "mlx-metal", "metal-harness"])
+@pytest.mark.parametrize("path", ["mlx-fallback", "mlx-metal", "mlx-compiled", "metal-harness"])
 def test_mlx_paths_pass(path):
     reason = available_paths()[path]
     if reason:
@@ -46,16 +46,18 @@ def test_cli_triton_interpreter_and_json():
     assert not any(name.endswith("_triton") for name in report["kernels"]["torch-eager"])
 
 
-@pytest.mark.parametrize("path", ["torch-eager", "mlx-fallback", "metal-harness"])
+@pytest.mark.parametrize("path", ["torch-eager", "mlx-fallback", "mlx-compiled", "metal-harness"])
 def test_suite_reports_the_kernels_each_path_ran(path):
     reason = available_paths()[path]
     if reason:
         pytest.skip(reason)
     kernels = {}
     run_suite([path], ("float32",), quick=True, kernels=kernels)
-    kind = "_metal" if path == "metal-harness" else "_reference"
-    assert set(kernels[path]) == {f"{name}{kind}" for name in ("gather_weighted_sum", "gather_dot", "scatter_outer")} \
-        | {"subset_decode"}, kernels
+    on_metal = available_paths()["mlx-metal"] is None  # mlx-compiled runs the Metal kernels where they run
+    kind = "_metal" if path == "metal-harness" or (path == "mlx-compiled" and on_metal) else "_reference"
+    expected = {f"{name}{kind}" for name in ("gather_weighted_sum", "gather_dot", "scatter_outer")}
+    # the dense-subset AuxK runs eagerly only: the compiled AuxK has a fixed size, through the sparse kernels
+    assert set(kernels[path]) == expected | ({"subset_decode"} if path != "mlx-compiled" else set()), kernels
 
 
 @pytest.mark.parametrize("suffix", [".json", ".md"])
