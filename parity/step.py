@@ -14,24 +14,27 @@ forward suite never takes a step. Here each backend is compared with this module
 
 The backend runs are the real trainers (`parity.training.torch_trainer` / `mlx_trainer`), one optimizer step per
 `fit()` call (`stop_after_steps`), so every step's checkpoint (weights, optimizer state, tokens_since_fired, in
-the shared on-disk layout) is read back and compared: the MLX trainer eagerly and compiled (`SAE_MLX_COMPILE=all`:
+the shared on-disk layout) is read back and checked: the MLX trainer eagerly and compiled (`SAE_MLX_COMPILE=all`:
 the compiled forward+backward with its fixed-size AuxK, and the compiled update). A few latents start dead (fewer
 than d_out // 2, so the compiled AuxK must zero the slots that land on live latents), and AuxK is weighted 0.5 so
 its gradient is well above rounding.
 
-Checked after every step, per backend (rows of path `step:<backend>`):
-* weights and optimizer state, max|diff| / max|ref| per tensor, against the float64 reference;
-* the weight updates (w_t - w_{t-1}) against the reference's, relative to the largest reference update: Adam's
-  update is nearly lr * sign(g), so a change of its epsilon or bias correction moves this and not much else;
+Each step is checked from the backend's own state before it (no drift adds up), per backend (rows of path
+`step:<backend>`, the worst over the steps; CEILINGS):
+* the optimizer state after the step against the float64 step's (gradients, projection, AuxK, moments);
+* the weights against the update applied in float64 from the backend's weights before and state after the step,
+  then renormalised (optimizer arithmetic such as Adam's epsilon and bias corrections, the lr, the renorm). Not the
+  weights after a whole float64 step: Adam's update is nearly lr * sign(g), and where a gradient is within fp32
+  rounding of 0 that sign is rounding;
 * tokens_since_fired, exactly;
 * unit-norm decoder rows (max |1 - |row||);
-* the decoder-gradient projection, where the optimizer state shows the gradient (Adam: after the first step,
-  exp_avg = (1 - beta1) g, whose rows must be orthogonal to the initial W_dec rows).
+* the decoder-gradient projection, where the optimizer state shows the step's gradient (Adam: g_t = (m_t -
+  beta1 m_{t-1}) / (1 - beta1)), whose rows must be orthogonal to the W_dec rows the step started from.
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +62,7 @@ RENORM_EPS = float(np.finfo(np.float32).eps)
 #                                               state (schedule-free saves its evaluation point, not these)
 #   saved_weights(params, state)                what the trainer saves as the SAE weights
 #   gradient(state_before, state, name)         the step's gradient of a parameter, if the state shows it, else None
-# Splitting the step this way lets parity check the state (gradients and moments) and the update given the state
-# separately: Adam's update is nearly lr * sign(g), so where a gradient is within fp32 rounding of 0 the whole
-# update flips on rounding, and comparing weights after a float64 step with fp32 ones would measure that.
+# Split this way so that the state and the update given the state are checked separately (module docstring).
 # ---------------------------------------------------------------------------------------------------------------
 
 class AdamReference:
