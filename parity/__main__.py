@@ -100,7 +100,7 @@ def run(args) -> int:
         from .report import write_report
 
         result["seconds"] = round(time.perf_counter() - started, 1)
-        result["command"] = ["python", "-m", "parity", *sys.argv[1:]]
+        result["command"] = ["python", "-m", "parity", *getattr(args, "argv", sys.argv[1:])]
         written = write_report(args.report, result)
         print(f"report written to {written}", file=sys.stderr)
     return 0 if ok else 1
@@ -169,7 +169,9 @@ def print_table(rows: list[dict], reasons: dict, paths: list[str]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m parity", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the report (`sae parity` passes its own)
+    return run(args)
 
 
 if __name__ == "__main__":
