@@ -57,7 +57,8 @@ def compare_with_oracle(backend: dict, ref: OracleResult, own_choice: OracleResu
                         activation: str, k: int, dead_mask=None) -> list[Check]:
     """Compare a backend's forward outputs and gradients with the oracle evaluated on the backend's selection
     (`ref`), after checking that selection against the oracle's float64 pre-activations. `own_choice` is the
-    oracle with its own selection, for the index-set check.
+    oracle with its own selection, for the count and index-set checks of the k, AuxK and Multi-TopK selections
+    (AuxK: k_aux = min(d_out // 2, num_dead) slots, the oracle's own k_aux largest dead latents).
 
     `backend` holds NumPy arrays: sae_out, latent_acts, latent_indices, fvu, auxk_loss, multi_topk_fvu, and
     grads (a dict by parameter name)."""
@@ -67,11 +68,21 @@ def compare_with_oracle(backend: dict, ref: OracleResult, own_choice: OracleResu
     wrong_count = sel.indices.shape[1] != k  # e.g. a Multi-TopK that overwrote the k outputs
     checks = [Check("selection", float("inf") if wrong_count else selection_violation(pre, sel.indices, activation, k),
                     slack)]
-    if sel.aux_indices is not None:
-        checks.append(Check("aux selection", selection_violation(pre, sel.aux_indices, "topk", 0,
-                                                                 allowed=np.asarray(dead_mask, bool)), slack))
-    if sel.multi_indices is not None:
-        checks.append(Check("multi-topk selection", selection_violation(pre, sel.multi_indices, "topk", 0), slack))
+    own = own_choice.selection
+    for name, got, expected in (("aux", sel.aux_indices, own.aux_indices),
+                                ("multi-topk", sel.multi_indices, own.multi_indices)):
+        if got is None and expected is None:
+            continue
+        # the count first: a valid selection of the wrong size (k_aux = num_dead, say) passes the other checks
+        want = 0 if expected is None else expected.shape[1]
+        have = 0 if got is None else got.shape[1]
+        checks.append(Check(f"{name} count", float(abs(have - want)), 0.0))
+        if got is None or expected is None or have != want:
+            continue
+        allowed = np.asarray(dead_mask, bool) if name == "aux" else None
+        checks.append(Check(f"{name} selection", selection_violation(pre, got, "topk", 0, allowed=allowed), slack))
+        agree = index_sets_agree(pre, got, expected, slack)
+        checks.append(Check(f"{name} index sets (entries > 0, no near-ties)", 0.0 if agree else 1.0, 0.0))
     agree = index_sets_agree(pre, sel.indices, own_choice.latent_indices, slack)
     checks.append(Check("index sets (entries > 0, no near-ties)", 0.0 if agree else 1.0, 0.0))
     checks.append(Check("sae_out", relative_max_error(backend["sae_out"], ref.sae_out), vec_tol))

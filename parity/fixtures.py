@@ -30,14 +30,16 @@ class Case:
         return self.cfg.num_latents_for(self.d_in)
 
     def rounded_to(self, dtype: str) -> "Case":
-        """The inputs as a backend of this dtype sees them (the oracle must see the same numbers)."""
+        """The parameters and inputs as a backend of this dtype sees them (the oracle must see the same numbers):
+        rounded to nearest even, as both frameworks cast."""
         if dtype == "float32":
             return self
         import ml_dtypes
 
         np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
         cast = lambda a: None if a is None else a.astype(np_dtype).astype(np.float32)
-        return replace(self, x=cast(self.x), y=cast(self.y))
+        return replace(self, x=cast(self.x), y=cast(self.y),
+                       params={name: cast(value) for name, value in self.params.items()})
 
     def write(self, folder: Path) -> Path:
         """Write the parameters as a real checkpoint folder (cfg.json + sae.safetensors)."""

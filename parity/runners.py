@@ -54,10 +54,13 @@ def _np(t) -> np.ndarray:
 
 
 def run_mlx(case: Case, dtype: str = "float32", auxk_alpha: float = LOSS_AUXK_ALPHA,
-            checkpoint=None, coder_cls=None) -> tuple[dict, Selection, dict]:
+            checkpoint=None, coder_cls=None, compiled: bool = False) -> tuple[dict, Selection, dict]:
     """MLX twin of `run_torch`: (outputs, selection, params as the backend held them), gradients by parameter
-    name from `nn.value_and_grad` of loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8 (eager, not
-    compiled; the AuxK selection is then the exact k_aux one). `coder_cls` swaps in a SparseCoder subclass."""
+    name from `nn.value_and_grad` of loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8. Eager by default
+    (the AuxK selection is then the exact k_aux one); with `compiled`, the loss and gradients come from that
+    function under `mx.compile` as the trainer's SAE_MLX_COMPILE=all runs it (the dead mask an input, so AuxK
+    takes its fixed-size form; the selection reported is the eager one, the same latents). `coder_cls` swaps in a
+    SparseCoder subclass."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -79,7 +82,19 @@ def run_mlx(case: Case, dtype: str = "float32", auxk_alpha: float = LOSS_AUXK_AL
         out = model(x, y, dead_mask=dead)
         return out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8, out
 
-    (_, out), grads = nn.value_and_grad(sae, loss_fn)(sae, x, y, dead)
+    value_and_grad = nn.value_and_grad(sae, loss_fn)
+    if not compiled:
+        (_, out), grads = value_and_grad(sae, x, y, dead)
+    else:  # None cannot be an input of a compiled function: y and the dead mask are closed over when absent
+        inputs = [x] + ([] if y is None else [y]) + ([] if dead is None else [dead])
+
+        def step(*arrays):
+            rest = list(arrays[1:])
+            y_in = None if y is None else rest.pop(0)
+            dead_in = None if dead is None else rest.pop(0)
+            return value_and_grad(sae, arrays[0], y_in, dead_in)
+
+        (_, out), grads = mx.compile(step, inputs=[sae.state], outputs=[sae.state])(*inputs)
     mx.eval(out, grads)
 
     pre = sae.pre_acts(sae.encoder_input(x))

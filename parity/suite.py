@@ -2,12 +2,15 @@
 and against each other on the same checkpoint files.
 
 Paths: torch-eager, torch-triton (compiled on CUDA, the Triton interpreter on CPU), mlx-fallback, mlx-metal
-(Apple silicon), and metal-harness (our Metal kernel source compiled with g++ on Linux, run over its launch grid).
+(Apple silicon), mlx-compiled (the forward and backward under mx.compile, as the trainer's SAE_MLX_COMPILE=all
+runs them: Metal kernels on Apple silicon, else the MLX references), and metal-harness (our Metal kernel source
+compiled with g++ on Linux, run over its launch grid).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -81,6 +84,7 @@ def available_paths() -> dict[str, str | None]:
         reasons["torch-triton"] = None  # on CPU it runs in a child process under TRITON_INTERPRET=1
     reasons["mlx-fallback"] = None if _has("mlx") else "mlx is not installed"
     reasons["mlx-metal"] = None if _metal() else "needs Apple-silicon Metal (mx.metal.is_available() is False)"
+    reasons["mlx-compiled"] = None if _has("mlx") else "mlx is not installed"
     if not _has("mlx"):
         reasons["metal-harness"] = "mlx is not installed"
     elif shutil.which(os.environ.get("CXX", "g++")) is None:
@@ -90,6 +94,48 @@ def available_paths() -> dict[str, str | None]:
     else:
         reasons["metal-harness"] = None
     return reasons
+
+
+KERNEL_SUFFIXES = ("_reference", "_triton", "_metal")  # the implementations behind each backend's dispatchers
+
+
+def _kernel_modules(path: str) -> list:
+    """The modules whose kernel functions a path may run: the backend's kernel modules and its sparse coder (which
+    imports `subset_decode`, the dense-subset AuxK, into its own namespace)."""
+    import importlib
+
+    backend = "sae_torch" if path.startswith("torch") else "sae_mlx"
+    return [importlib.import_module(f"{backend}.{name}")
+            for name in ("kernels.sparse_rows", "kernels.row_subset", "sparse_coder")]
+
+
+@contextlib.contextmanager
+def recording_kernels(path: str):
+    """Within this context every kernel implementation the path calls (a module-level function of its kernel
+    modules named *_reference, *_triton or *_metal, and `subset_decode`) is recorded by name, in order of first
+    use; yields that list. The dispatchers look these functions up as module globals, so wrapping them there
+    sees every call, also from autograd functions, custom vjps and `mx.compile` tracing."""
+    ran: list[str] = []
+    patched = []
+    for module in _kernel_modules(path):
+        for name, fn in list(vars(module).items()):
+            if not (inspect.isfunction(fn) and (name.endswith(KERNEL_SUFFIXES) or name == "subset_decode")):
+                continue
+            if name.startswith(("_", "plan_", "use_")):  # helpers and the dispatch predicates
+                continue
+
+            def spy(*args, _fn=fn, _name=name, **kwargs):
+                if _name not in ran:
+                    ran.append(_name)
+                return _fn(*args, **kwargs)
+
+            setattr(module, name, spy)
+            patched.append((module, name, fn))
+    try:
+        yield ran
+    finally:
+        for module, name, fn in reversed(patched):
+            setattr(module, name, fn)
 
 
 def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None):
@@ -109,6 +155,9 @@ def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None
     if path == "mlx-metal":
         with environment(SAE_EAGER="0"):
             return runners.run_mlx(case, dtype, checkpoint=checkpoint)
+    if path == "mlx-compiled":  # the kernels Metal would run where it can, else the MLX references
+        with environment(SAE_EAGER="0" if _metal() else "1"):
+            return runners.run_mlx(case, dtype, checkpoint=checkpoint, compiled=True)
     if path == "metal-harness":
         from .metal_harness import kernels_through_harness
 
@@ -118,14 +167,20 @@ def run_path(path: str, case: Case, dtype: str, checkpoint: Path, coder_cls=None
 
 
 def check_case(path: str, case: Case, dtype: str, folder: Path, coder_cls=None) -> tuple[list[Row], dict]:
+    """One case on one path, loaded from its checkpoint file `folder`. The oracle evaluates the parameters the
+    fixture made (rounded to `dtype`), not what the path read back: a writer or reader that swaps two
+    equal-shaped tensors fails here, and the parameters the path held are compared with them bit for bit."""
     outputs, selection, params = run_path(path, case, dtype, folder, coder_cls)
     seen = case.rounded_to(dtype)
     kwargs = dict(activation=case.cfg.activation, k=case.cfg.k, transcode=case.cfg.transcode,
                   multi_topk=case.cfg.multi_topk, dead_mask=case.dead_mask, auxk_alpha=LOSS_AUXK_ALPHA)
-    ref = evaluate(params, seen.x, seen.y, selection=selection, **kwargs)
-    own = evaluate(params, seen.x, seen.y, **kwargs)
-    checks = compare_with_oracle(outputs, ref, own, dtype=dtype, activation=case.cfg.activation, k=case.cfg.k,
-                                 dead_mask=case.dead_mask)
+    ref = evaluate(seen.params, seen.x, seen.y, selection=selection, **kwargs)
+    own = evaluate(seen.params, seen.x, seen.y, **kwargs)
+    loaded = Check("parameters as loaded (vs the fixture's)",
+                   max(relative_max_error(params.get(name), value) if name in params else float("inf")
+                       for name, value in seen.params.items()), 0.0)
+    checks = [loaded] + compare_with_oracle(outputs, ref, own, dtype=dtype, activation=case.cfg.activation,
+                                            k=case.cfg.k, dead_mask=case.dead_mask)
     return [Row(path, case.name, dtype, c.quantity, c.error, c.ceiling, c.ok) for c in checks], outputs
 
 
@@ -153,21 +208,26 @@ def select_cases(quick: bool, seed: int = 0) -> list[Case]:
 
 
 def run_suite(paths: list[str], dtypes=("float32", "bfloat16"), quick=False, seed=0, coder_cls=None,
-              progress=None) -> list[Row]:
+              progress=None, kernels: dict[str, list[str]] | None = None) -> list[Row]:
+    """Every case on every path (and the paths against the first one): the rows. `kernels`, if given, is filled
+    with {path: the kernel implementations that ran on it} (see `recording_kernels`)."""
     cases = select_cases(quick, seed)
     rows: list[Row] = []
     fp32_outputs: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory(prefix="sae-parity-") as tmp:
         folders = {case.name: case.write(Path(tmp) / case.name) for case in cases}
         for path in paths:
-            for dtype in dtypes:
-                for case in cases:
-                    if progress:
-                        progress(path, case.name, dtype)
-                    case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
-                    rows += case_rows
-                    if dtype == "float32":
-                        fp32_outputs[path, case.name] = outputs
+            with recording_kernels(path) as ran:
+                for dtype in dtypes:
+                    for case in cases:
+                        if progress:
+                            progress(path, case.name, dtype)
+                        case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
+                        rows += case_rows
+                        if dtype == "float32":
+                            fp32_outputs[path, case.name] = outputs
+            if kernels is not None:
+                kernels[path] = list(ran)
     reference = paths[0] if paths else None
     for path in paths[1:]:
         for case in cases:

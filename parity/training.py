@@ -46,14 +46,20 @@ PATH = "training"  # the Row path: torch vs MLX training loops
 EARLY_STEPS = 20  # the start of the loss curve, before signum's sign flips have added up
 SHORT_STEPS = 5  # signum: a second, short run whose weights are compared element for element
 
-# quantity -> ceiling, per optimizer (see the module docstring; measured values in the comments, seeds 0-4)
+# quantity -> ceiling, per optimizer (see the module docstring; measured values in the comments, seeds 0-4).
+# Adam: the bugs a cross-backend check can see are those made in one backend only; measured at 300 steps, seed 0,
+# with the MLX renormalisation skipped / the torch decoder-gradient projection skipped: weights 0.18 / 0.15, moments
+# 0.43 / 0.36, fvu curve 0.031 / 0.026, auxk curve 0.11 / 0.11, dead latents 0.0156 / 0.0156 (5 of 320 latents).
+# A bug made the same way in both trainers is parity.step's job (the float64 reference step).
 CEILINGS = {
     "adam": {
         "weights": 5e-3,              # final parameters, max|diff| / max|ref| over tensors (1.2e-6 .. 7.7e-4)
         "moments": 1e-2,              # final exp_avg / exp_avg_sq, same measure (2.7e-6 .. 1.8e-3)
         "fvu curve": 2e-3,            # max over steps of |fvu_mlx - fvu_torch| / fvu_torch (5.3e-6 .. 2.6e-4)
         "auxk curve": 2e-3,           # max over steps, relative to the curve's max (4.3e-6 .. 1.3e-4)
-        "dead latents": 0.01,         # max over steps of |dead fraction mlx - torch| (1.5e-8: equal)
+        # max over steps of |dead fraction mlx - torch| (1.5e-8: equal); one latent of 320 (0.0031) may die a step
+        # apart, two may not (was 0.01, which the one-sided bugs above passed by only 1.6x)
+        "dead latents": 0.005,
     },
     "signum": {
         f"weights after {SHORT_STEPS} steps": 1e-5,  # max|diff| / max|ref| (2.6e-7 .. 3.8e-7)

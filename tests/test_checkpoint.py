@@ -53,30 +53,44 @@ def test_our_checkpoint_has_sparsify_layout(tmp_path):
     assert all(t.is_contiguous() and t.dtype == torch.float32 for t in saved.values())
 
 
+# (cfg, d_in, d_out): a transcoder, and an autoencoder whose encoder.weight and W_dec (and, with the skip
+# connection, W_skip rows) have equal shapes, so a writer or reader that swaps equal-shaped tensors shows
+ROUND_TRIP_KINDS = {"transcoder-skip": (SparseCoderConfig(num_latents=30, k=3, transcode=True, skip_connection=True),
+                                       10, 7),
+                    "autoencoder-skip": (SparseCoderConfig(num_latents=9, k=3, skip_connection=True), 9, 9)}
+
+
+@pytest.mark.parametrize("kind", list(ROUND_TRIP_KINDS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_round_trip_is_bit_exact(tmp_path, dtype):
-    cfg = SparseCoderConfig(num_latents=30, k=3, transcode=True, skip_connection=True)
-    sae = SparseCoder(10, cfg, dtype=dtype, d_out=7)
+def test_round_trip_is_bit_exact(tmp_path, dtype, kind):
+    cfg, d_in, d_out = ROUND_TRIP_KINDS[kind]
+    sae = SparseCoder(d_in, cfg, dtype=dtype, d_out=d_out)
     with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_()
+        for i, p in enumerate(sae.parameters()):
+            p.normal_().add_(10 * i)  # distinct values per tensor, even for equal shapes
     sae.save_to_disk(tmp_path / "t")
     back = SparseCoder.load_from_disk(tmp_path / "t")
-    assert back.dtype == dtype and back.d_out == 7
-    for (name, a), (_, b) in zip(sae.state_dict().items(), back.state_dict().items()):
+    assert back.dtype == dtype and back.d_out == d_out
+    saved, loaded = sae.state_dict(), back.state_dict()
+    assert set(saved) == set(loaded)
+    for name, a in saved.items():
         assert torch.equal(a.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           b.view(torch.int16 if dtype != torch.float32 else torch.int32)), name
+                           loaded[name].view(torch.int16 if dtype != torch.float32 else torch.int32)), name
     # and the NumPy reader sees the same bits
     _, _, _, arrays = load_checkpoint_numpy(tmp_path / "t")
     assert np.array_equal(arrays["W_dec"].view(np.uint8), sae.W_dec.detach().view(torch.uint8).numpy())
 
 
-def test_numpy_writer_is_read_by_torch(tmp_path):
-    case = make_case(transcode=True, skip_connection=True)
+@pytest.mark.parametrize("transcode", [True, False], ids=["transcoder", "autoencoder"])
+def test_numpy_writer_is_read_by_torch(tmp_path, transcode):
+    """The autoencoder's encoder.weight and W_dec have equal shapes (d_in == d_out), with distinct values: a
+    writer or reader that swaps equal-shaped tensors shows."""
+    case = make_case(transcode=transcode, skip_connection=True)
+    assert transcode or case.params["encoder.weight"].shape == case.params["W_dec"].shape
     case.write(tmp_path / "c")
     sae = SparseCoder.load_from_disk(tmp_path / "c")
     for name, value in case.params.items():
-        assert np.array_equal(sae.state_dict()[name].numpy(), value)
+        assert np.array_equal(sae.state_dict()[name].numpy(), value), name
 
 
 def test_load_many_and_patterns(tmp_path):

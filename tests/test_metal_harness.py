@@ -42,6 +42,7 @@ def make_inputs(seed, n, k, m, d, wdt, tdt, idt, oob=False):
     if k > 1:
         idx[:, -1] = idx[:, 0]  # repeated latent within a row
     idx[n // 2] = idx[0]  # repeated across rows
+    idx[-1, 0], idx[0, -1] = m - 1, 0  # the last and the first latent: an off-by-one in an index bound shows
     if oob:  # out-of-range entries: the kernels must skip them without touching memory out of bounds
         idx[0, 0] = m
         idx[-1, -1] = m + 1000

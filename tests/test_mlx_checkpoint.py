@@ -145,12 +145,16 @@ def test_same_file_same_forward_in_both_frameworks(tmp_path, case):
         assert rel(mlx_out["grads"][name], grad) <= 1e-5, name
 
 
-def test_numpy_writer_is_read_by_mlx(tmp_path):
-    case = make_case(transcode=True, skip_connection=True)
+@pytest.mark.parametrize("transcode", [True, False], ids=["transcoder", "autoencoder"])
+def test_numpy_writer_is_read_by_mlx(tmp_path, transcode):
+    """The autoencoder's encoder.weight and W_dec have equal shapes (d_in == d_out), with distinct values: a
+    writer or reader that swaps equal-shaped tensors shows."""
+    case = make_case(transcode=transcode, skip_connection=True)
+    assert transcode or case.params["encoder.weight"].shape == case.params["W_dec"].shape
     case.write(tmp_path / "c")
     sae = MlxCoder.load_from_disk(tmp_path / "c")
     for name, value in case.params.items():
-        assert np.array_equal(np.array(mlx_state(sae)[name]), value)
+        assert np.array_equal(np.array(mlx_state(sae)[name]), value), name
 
 
 # ---- sparsify-style files and every bad checkpoint, through sae_mlx (the cases of tests/test_checkpoint.py) ----

@@ -33,13 +33,14 @@ def to_f64(a) -> np.ndarray:
 
 
 def make_inputs(seed, n, k, m, d, wdt=F32, tdt=F32, idt=mx.int32, repeat_in_row=True):
-    """weights [n,k] (wdt), indices [n,k] (idt; repeats across and, if asked, within rows), table [m,d] and
-    rows [n,d] (tdt). Values are cast to the MLX dtype here; the oracle reads them back from MLX."""
+    """weights [n,k] (wdt), indices [n,k] (idt; repeats across and, if asked, within rows; latents 0 and m - 1
+    always among them), table [m,d] and rows [n,d] (tdt). Values are cast to the MLX dtype here; the oracle reads them back from MLX."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, m, size=(n, k))
     if repeat_in_row and k > 1:
         idx[:, -1] = idx[:, 0]  # the same latent twice in one row
     idx[n // 2] = idx[0]  # the same row of latents on two tokens
+    idx[-1, 0], idx[0, -1] = m - 1, 0  # the last and the first latent: an off-by-one in an index bound shows
     w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(wdt)
     ind = mx.array(idx.astype({mx.int32: np.int32, mx.uint32: np.uint32, mx.int64: np.int64}[idt]))
     table = mx.array(rng.standard_normal((m, d)).astype(np.float32)).astype(tdt)

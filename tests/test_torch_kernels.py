@@ -60,21 +60,41 @@ BF16 = torch.bfloat16
 F32 = torch.float32
 
 
+def unused_latent(m):
+    """The latent `make_indices` never draws (its scatter_outer output row must be zero), or None when m <= 5."""
+    return m - 2 if m > 5 else None
+
+
 def make_indices(n, k, m, idx_dtype=torch.int64, seed=0, noncontig=False):
-    """Random latents with repeats inside rows and across rows, one heavy latent (3 on half the tokens) and latent
-    m - 1 never used (its output row must be zero in scatter_outer)."""
+    """Random latents with repeats inside rows and across rows, one heavy latent (3 on half the tokens), the first
+    and the last latent always present (latent m - 1 on the last token, latent 0 on the first: an off-by-one in a
+    kernel's index bound drops one of them), and latent `unused_latent(m)` never used."""
     g = torch.Generator().manual_seed(seed)
-    hi = max(1, m - 1)
-    idx = torch.randint(0, hi, (n, k), generator=g)
+    empty = unused_latent(m)
+    idx = torch.randint(0, m - (empty is not None), (n, k), generator=g)
+    if empty is not None:
+        idx[idx >= empty] += 1  # [0, m) without the unused latent
     if k > 1:
         idx[:, -1] = idx[:, 0]  # repeated within a row
     if m > 4:
         idx[: n // 2, 0] = 3  # heavy latent
+    idx[-1, 0] = m - 1
+    idx[0, -1] = 0
     idx = idx.to(idx_dtype)
     if noncontig:
         idx = idx.t().contiguous().t()
         assert not idx.is_contiguous() or min(n, k) == 1
     return idx
+
+
+def test_make_indices_covers_the_first_and_last_latent():
+    """Every kernel test's indices hold latent 0 and latent M - 1 (and leave one latent unused)."""
+    shapes = [s[:3] for s in REF_SHAPES] + [c[1][:3] for c in TRITON_CASES] + [(5, 3, 6), (48, 4, 11), (8, 3, 9)]
+    for n, k, m in shapes:
+        idx = make_indices(n, k, m)
+        assert idx.min() == 0 and idx.max() == m - 1, (n, k, m)
+        if unused_latent(m) is not None:
+            assert not (idx == unused_latent(m)).any(), (n, k, m)
 
 
 def rand(shape, dtype=F32, seed=0, noncontig=False):
@@ -156,7 +176,7 @@ def test_references_match_float64(shape, dtype, idx_dtype):
     out = sr.scatter_outer_reference(w, idx, rows, m)
     assert out.shape == (m, d) and out.dtype == dtype
     check(out, naive_scatter(w, idx, rows, m))
-    assert (out[m - 1] == 0).all()  # latent never used
+    assert (out[unused_latent(m)] == 0).all()  # latent never used
 
 
 def test_references_chunked_gather_dot(monkeypatch):
@@ -501,7 +521,7 @@ def test_triton_scatter_outer(case):
     blocks = SCATTER_BLOCKS[case[0]]
     out = sr.scatter_outer_triton(w, idx, rows, m, **blocks)
     _check(out, sr.scatter_outer_reference(w, idx, rows, m), naive_scatter(w, idx, rows, m), dtype)
-    assert (out[m - 1] == 0).all()  # latent without occurrences
+    assert (out[unused_latent(m)] == 0).all()  # latent without occurrences
 
 
 @triton_test
@@ -514,7 +534,7 @@ def test_triton_scatter_outer_heavy_latents():
     idx[:30, 2] = 7  # 30 more
     w, rows = rand((n, k), BF16, 1), rand((n, d), BF16, 2)
     counts = torch.bincount(idx.reshape(-1), minlength=m)
-    assert (counts > 16).sum() >= 3 and counts[m - 1] == 0
+    assert (counts > 16).sum() >= 3 and counts[unused_latent(m)] == 0
     out = sr.scatter_outer_triton(w, idx, rows, m, block_p=16, seg=16)
     assert_bf16_close(out, naive_scatter(w, idx, rows, m), TRITON_BF16_ROUNDING)
     out32 = sr.scatter_outer_triton(w.float(), idx, rows.float(), m, block_p=16, seg=16)
