@@ -62,7 +62,11 @@ def run(args) -> int:
         progress = lambda p, c, d: print(f"\r{p:14s} {d:9s} {c:45s}", end="", file=sys.stderr, flush=True)
     rows = run_suite(in_process, dtypes, args.quick, args.seed, progress=progress)
     if triton_in_child:
-        rows += _child_rows("torch-triton", args)
+        try:
+            rows += _child_rows("torch-triton", args)
+        except RuntimeError as error:  # reported as a failed path; the other paths' rows still print
+            rows.append(Row("torch-triton", str(error).splitlines()[0], "all", "path failed", float("inf"), 0.0,
+                            False))
     if args.training:
         rows += _training_rows(reasons)
     if progress:

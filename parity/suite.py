@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,12 +82,12 @@ def available_paths() -> dict[str, str | None]:
     reasons["mlx-metal"] = None if _metal() else "needs Apple-silicon Metal (mx.metal.is_available() is False)"
     if not _has("mlx"):
         reasons["metal-harness"] = "mlx is not installed"
-    elif shutil.which(os.environ.get("CXX", "g++")) is None:
-        reasons["metal-harness"] = "needs g++ to compile the Metal source on Linux"
     elif not _has("parity.metal_harness"):
         reasons["metal-harness"] = "parity.metal_harness is missing"
     else:
-        reasons["metal-harness"] = None
+        from .metal_harness import compiler_missing
+
+        reasons["metal-harness"] = compiler_missing()
     return reasons
 
 
@@ -164,7 +163,11 @@ def run_suite(paths: list[str], dtypes=("float32", "bfloat16"), quick=False, see
                 for case in cases:
                     if progress:
                         progress(path, case.name, dtype)
-                    case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
+                    try:
+                        case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
+                    except Exception as error:  # a path that cannot run is a failed row; the other paths still run
+                        rows.append(failed_path_row(path, case, dtype, error))
+                        break
                     rows += case_rows
                     if dtype == "float32":
                         fp32_outputs[path, case.name] = outputs
@@ -175,6 +178,14 @@ def run_suite(paths: list[str], dtypes=("float32", "bfloat16"), quick=False, see
                 rows += cross_check(path, reference, case, fp32_outputs[path, case.name],
                                     fp32_outputs[reference, case.name])
     return rows
+
+
+def failed_path_row(path: str, case: Case, dtype: str, error: BaseException) -> Row:
+    """The row of a path that raised (e.g. the Metal harness's compiler refused the source): quantity "path
+    failed", the case it failed on and the first line of the error, so the table says why."""
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    return Row(path, f"{case.name}: {type(error).__name__}: {reason}", dtype, "path failed", float("inf"), 0.0,
+               False)
 
 
 def summarize(rows: list[Row]) -> list[dict]:

@@ -12,7 +12,20 @@
 //     barrier / SIMD operation. Out-of-bounds accesses that hit a guard page and misuse of barriers / SIMD
 //     operations abort the launch with an error instead of crashing or hanging.
 // Not provided: atomics, threadgroup memory, metal:: math, vector types other than uint3, textures.
+//
+// Compilers: g++ and clang++ (Linux), Apple clang (macOS). macOS's <ucontext.h> stops with an #error unless
+// _XOPEN_SOURCE is defined before the first system header (the ucontext_t layout depends on it), so it is defined
+// here, first; _DARWIN_C_SOURCE keeps the rest of the BSD/Darwin API (sigaltstack, SA_ONSTACK) visible.
 #pragma once
+
+#if defined(__APPLE__)
+#ifndef _XOPEN_SOURCE
+#define _XOPEN_SOURCE 700
+#endif
+#ifndef _DARWIN_C_SOURCE
+#define _DARWIN_C_SOURCE
+#endif
+#endif
 
 #include <cstdarg>
 #include <csetjmp>
@@ -36,8 +49,64 @@ struct uint3 {
   uint x, y, z;
 };
 
+#if defined(__FLT16_MAX__)  // the compiler has _Float16 (g++ >= 12 on x86-64, clang on arm64, clang >= 15)
 typedef _Float16 half;
-typedef _Float16 float16_t;
+#else
+// clang++ < 15 on x86-64 has no _Float16, and its __fp16 needs compiler-rt's conversion routines at link time:
+// a 2-byte struct with IEEE binary16 conversions (fp32 -> fp16 rounds to nearest even; fp16 -> fp32 is exact).
+// Our kernels only convert half to and from float, which is all this provides.
+struct half {
+  uint16_t bits;
+
+  half() = default;
+  half(float f) : bits(from_float(f)) {}
+  template <class T, class = std::enable_if_t<std::is_arithmetic_v<T> && !std::is_same_v<T, float>>>
+  half(T v) : bits(from_float(static_cast<float>(v))) {}
+
+  operator float() const {
+    const uint32_t sign = uint32_t(bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
+    uint32_t u;
+    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
+      float f = float(mantissa) * 5.9604644775390625e-8f;
+      std::memcpy(&u, &f, sizeof u);
+      u |= sign;
+    } else if (exponent == 31) {
+      u = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+      u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+
+  static uint16_t from_float(float value) {
+    uint32_t f;
+    std::memcpy(&f, &value, sizeof f);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    uint32_t out;
+    if (f >= (143u << 23)) {  // >= 65536 (rounds to inf), inf or NaN
+      out = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    } else if (f < (113u << 23)) {  // below the smallest normal fp16: let an fp32 add do the rounding
+      const uint32_t magic_bits = 126u << 23;  // 0.5: aligns the fp16 subnormal unit with fp32's last bit
+      float magic, sum, x;
+      std::memcpy(&magic, &magic_bits, sizeof magic);
+      std::memcpy(&x, &f, sizeof x);
+      sum = x + magic;
+      std::memcpy(&out, &sum, sizeof out);
+      out -= magic_bits;
+    } else {
+      const uint32_t odd = (f >> 13) & 1u;  // round to nearest, ties to even
+      f += (uint32_t(15 - 127) << 23) + 0xfffu + odd;
+      out = f >> 13;
+    }
+    return uint16_t(out | (sign >> 16));
+  }
+};
+static_assert(sizeof(half) == 2 && std::is_trivially_copyable_v<half>, "half must be 2 raw bytes");
+#endif
+typedef half float16_t;
 
 struct bfloat16_t {
   uint16_t bits;
