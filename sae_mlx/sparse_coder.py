@@ -43,14 +43,16 @@ import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, write_config
+from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, load_safetensors_numpy, validate_checkpoint,
+                                 write_config)
 from sae_core.config import SparseCoderConfig
 from sae_core.errors import CheckpointError
 
 from .kernels.row_subset import subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode
 
-_MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float64}
+# F64 loads as float32: the Metal GPU has no float64 (every GPU op on it raises) and `mx.load` refuses F64 files.
+_MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float32}
 
 # A dense [rows, M] array (pre-activations, the selection's sort keys) stays below this many elements: MLX
 # indexes elements with int32 in places. Read at call time, so a test can lower it.
@@ -344,12 +346,18 @@ class SparseCoder(nn.Module):
 
     @classmethod
     def load_from_disk(cls, path: str | Path, *, decoder: bool = True, dtype: mx.Dtype | None = None) -> "SparseCoder":
-        """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given. With `decoder=False`
+        """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given (float64 files load as
+        float32, which Metal supports). With `decoder=False`
         `W_dec` is not loaded (`b_dec` is: an autoencoder's encoder input is x - b_dec)."""
         path = Path(path)
         cfg, d_in, d_out, header = validate_checkpoint(path)
         file_dtype = _MLX_DTYPES[header["encoder.weight"]["dtype"]]
-        state = mx.load(str(path / WEIGHTS_FILE))
+        if any(entry.get("dtype") == "F64" for entry in header.values() if isinstance(entry, dict)):
+            # through NumPy, cast to float32 on the host (see _MLX_DTYPES)
+            arrays, _ = load_safetensors_numpy(path / WEIGHTS_FILE)
+            state = {name: mx.array(a.astype(np.float32) if a.dtype == np.float64 else a) for name, a in arrays.items()}
+        else:
+            state = mx.load(str(path / WEIGHTS_FILE))
         for name, tensor in state.items():
             check_finite(path, name, bool(mx.isfinite(tensor).all()))
         if not decoder:
