@@ -50,6 +50,7 @@ from sae_core.errors import CheckpointError
 
 from .kernels.row_subset import subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode
+from .kernels.topk import topk_indices
 
 # F64 loads as float32: the Metal GPU has no float64 (every GPU op on it raises) and `mx.load` refuses F64 files.
 _MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float32}
@@ -83,8 +84,9 @@ def row_chunks(num_rows: int, num_latents: int) -> list[tuple[int, int]]:
 
 
 def _topk_indices(values: mx.array, k: int) -> mx.array:
-    """Indices of the k largest entries of each row, in no particular order (int32)."""
-    return mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    """Indices of the k largest entries of each row, in no particular order (int32): `mx.argpartition`, or the
+    Metal radix select with SAE_MLX_TOPK=metal (see sae_mlx/kernels/topk.py)."""
+    return topk_indices(values, k)
 
 
 def _count_dead(dead_mask: mx.array) -> int | None:

@@ -6,7 +6,8 @@
 //     kernels that declare threadgroup memory, so `threadgroup` never silently becomes per-thread memory);
 //   * `uint`, `uint3`, `half` / `float16_t` (_Float16), `bfloat16_t` (a 2-byte struct: fp32 -> bf16 rounds to
 //     nearest even, NaN stays NaN; bf16 -> fp32 is exact);
-//   * `metal::simd_sum`, `metal::threadgroup_barrier`, `metal::mem_flags`;
+//   * `metal::simd_sum`, `metal::simd_prefix_exclusive_sum`, `metal::as_type`, `metal::threadgroup_barrier`,
+//     `metal::mem_flags`;
 //   * the launch runtime: threads of a threadgroup are run one after another, or, for kernels that use
 //     barriers or SIMD-group functions, as cooperative fibers (ucontext) on one OS thread that switch at every
 //     barrier / SIMD operation. Out-of-bounds accesses that hit a guard page and misuse of barriers / SIMD
@@ -152,7 +153,7 @@ constexpr int kSimdWidth = 32;  // Apple GPUs execute 32-wide SIMD groups
 constexpr size_t kFiberStack = 128 * 1024;
 
 enum State { kRunnable, kWaitSimd, kWaitGroup, kFinished };
-enum Op { kOpNone, kOpSimdSum };
+enum Op { kOpNone, kOpSimdSum, kOpSimdPrefixExclusiveSum };
 
 struct Fiber {
   ucontext_t ctx;
@@ -233,17 +234,23 @@ inline void wait_for(int state, int op, const char* what) {
   swapcontext(&f.ctx, &r.scheduler);
 }
 
+// Hands x to the scheduler and parks until every active lane of the SIMD group has reached the same SIMD
+// operation; returns the group's snapshot (each active lane's value) for the caller to reduce.
 template <class T>
-inline T simd_reduce_sum(T x) {
-  static_assert(std::is_arithmetic_v<T> && sizeof(T) <= 8, "simd_sum: scalar arithmetic types only");
+inline const SimdSnapshot& simd_exchange(T x, int op, const char* what) {
+  static_assert(std::is_arithmetic_v<T> && sizeof(T) <= 8, "simd_ operations: scalar arithmetic types only");
   Runtime& r = rt();
   int me = r.current;
-  if (!r.cooperative) wait_for(kWaitSimd, kOpSimdSum, "simd_sum");  // fails: thread-by-thread mode
+  if (!r.cooperative) wait_for(kWaitSimd, op, what);  // fails: thread-by-thread mode
   std::memcpy(r.fibers[me].slot, &x, sizeof(T));
-  wait_for(kWaitSimd, kOpSimdSum, "simd_sum");
-  const SimdSnapshot& s = r.snaps[me / kSimdWidth];
+  wait_for(kWaitSimd, op, what);
+  return r.snaps[me / kSimdWidth];
+}
+
+template <class T>
+inline T simd_lane_sum(const SimdSnapshot& s, int lanes) {
   T acc = T(0);
-  for (int lane = 0; lane < kSimdWidth; ++lane) {
+  for (int lane = 0; lane < lanes; ++lane) {
     if (s.active[lane]) {
       T v;
       std::memcpy(&v, s.bytes[lane], sizeof(T));
@@ -251,6 +258,18 @@ inline T simd_reduce_sum(T x) {
     }
   }
   return acc;
+}
+
+template <class T>
+inline T simd_reduce_sum(T x) {
+  return simd_lane_sum<T>(simd_exchange(x, kOpSimdSum, "simd_sum"), kSimdWidth);
+}
+
+// The sum over the active lanes below this one (lane 0 gets 0), as Metal's simd_prefix_exclusive_sum.
+template <class T>
+inline T simd_prefix_exclusive(T x) {
+  const int lane = rt().current % kSimdWidth;
+  return simd_lane_sum<T>(simd_exchange(x, kOpSimdPrefixExclusiveSum, "simd_prefix_exclusive_sum"), lane);
 }
 
 inline void fiber_main(int index) {
@@ -443,6 +462,15 @@ inline int run(const unsigned* grid, const unsigned* tg, int cooperative, Kernel
 
 namespace metal {
 
+// MSL's bit cast between types of one size.
+template <class To, class From>
+inline To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: types of different sizes");
+  To out;
+  std::memcpy(&out, &x, sizeof out);
+  return out;
+}
+
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 
 inline void threadgroup_barrier(mem_flags) {
@@ -452,6 +480,11 @@ inline void threadgroup_barrier(mem_flags) {
 template <class T>
 inline T simd_sum(T x) {
   return sae_shim::simd_reduce_sum(x);
+}
+
+template <class T>
+inline T simd_prefix_exclusive_sum(T x) {
+  return sae_shim::simd_prefix_exclusive(x);
 }
 
 }  // namespace metal
