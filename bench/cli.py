@@ -38,7 +38,8 @@ def parse_args(argv=None):
         description="Benchmark a TopK SAE training step (forward + backward + optimizer step, AuxK on with a dead "
                     "mask) of sae_torch against eai-sparsify on the same configs, data and device; kernel "
                     "micro-benchmarks; the MLX backend on the same configs. Writes results.json and results.md.")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available) [auto]")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, mps or auto (cuda when available, else mps on Apple silicon, else cpu) [auto]")
     p.add_argument("--d-in", type=_ints, default=None,
                    help="comma-separated d_in values [cpu: 576,768; cuda: 576,768,2048]")
     p.add_argument("--k", type=_ints, default=None, help="comma-separated k values [cuda: 32,128; cpu: 32]")
@@ -60,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--mlx-on", choices=["all", "first", "none"], default=None,
                    help="grid configs the MLX backend runs on [all with Metal; on Linux 'first' (the smallest): "
                         "there MLX runs its pure-MLX reference kernels on the CPU, about 100 s per step at d_in=768]")
+    p.add_argument("--mlx-topk", default="argpartition",
+                   help="comma-separated top-k selections the MLX backend is timed with, from argpartition "
+                        "(mx.argpartition, a full sort on Metal) and metal (sae_mlx's radix-select kernel, "
+                        "SAE_MLX_TOPK=metal); e.g. argpartition,metal compares both on a Mac [argpartition]")
     p.add_argument("--mlx-reps", type=int, default=None,
                    help="timed MLX steps [as --reps with Metal; on Linux 1, after no warm-up]")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -94,10 +99,14 @@ def parse_args(argv=None):
 def resolve_device(arg: str) -> str:
     import torch
 
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if arg.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    if arg == "mps" and not mps:
+        raise SystemExit("--device mps: torch sees no Metal (MPS) device (Apple silicon with macOS 12.3+ and an "
+                         "arm64 Python)")
     return arg
 
 
@@ -177,7 +186,11 @@ def main(argv=None) -> int:
     results = {"environment": describe_environment(device), "settings": {
         "warmup": warmup, "reps": reps, "sides": sides, "quick": a.quick, "argv": sys.argv[1:] if argv is None
         else list(argv), "worker_env": dict(WORKER_ENV)}, "notes": notes, "configs": [], "kernels": None, "memory_auxk_off": []}
-    if not cuda:
+    if device == "mps":
+        notes.append("Apple silicon: the torch sides (ours and sparsify) run on MPS in fp32 (no autocast), as the "
+                     "MLX side does on Metal; peak memory is not measured on MPS (unified memory: torch.mps has no "
+                     "peak counter), so the memory workers are skipped.")
+    elif not cuda:
         notes.append("GPU numbers are not measured yet: this run is on CPU. On a CUDA machine the same command "
                      "runs the full grid with Triton kernels, bf16 autocast, CUDA-event timing and "
                      "torch.cuda.max_memory_allocated.")
@@ -203,25 +216,35 @@ def main(argv=None) -> int:
             if blas:
                 mlx_env = {"LD_PRELOAD": blas}
 
+    no_memory = a.no_memory or device == "mps"
+    topk_methods = [m.strip() for m in a.mlx_topk.split(",") if m.strip()]
+    bad_topk = sorted(set(topk_methods) - {"argpartition", "metal"})
+    if bad_topk or not topk_methods:
+        raise SystemExit(f"--mlx-topk: unknown {bad_topk or a.mlx_topk!r}; choose from argpartition, metal")
     for cfg in grid:
         entry = {"config": cfg.to_dict()}
         log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
         entry["time"] = run_worker("time", {**common, "config": cfg.to_dict(), "sides": sides, "warmup": warmup,
                                             "reps": reps}, a.timeout)
-        if not a.no_memory:
+        if not no_memory:
             entry["memory"] = {}
             for s in sides:
                 log(f"{cfg.name}: peak memory of {s} (fresh process)")
                 entry["memory"][s] = run_worker("memory", {**common, "config": cfg.to_dict(), "side": s}, a.timeout)
         if mlx_run and (mlx_on == "all" or cfg is grid[0]):
-            log(f"{cfg.name}: MLX backend ({mlx_warmup} warm-up + {mlx_reps} timed steps)")
-            entry["mlx"] = run_worker("mlx", {"config": cfg.to_dict(), "warmup": mlx_warmup, "reps": mlx_reps},
-                                      a.timeout, mlx_env)
+            for method in topk_methods:  # entry["mlx"]: the first; the others beside it, by selection method
+                log(f"{cfg.name}: MLX backend, top-k by {method} ({mlx_warmup} warm-up + {mlx_reps} timed steps)")
+                result = run_worker("mlx", {"config": cfg.to_dict(), "warmup": mlx_warmup, "reps": mlx_reps},
+                                    a.timeout, {**mlx_env, "SAE_MLX_TOPK": method})
+                if method == topk_methods[0]:
+                    entry["mlx"] = result
+                else:
+                    entry.setdefault("mlx_topk_variants", {})[method] = result
         results["configs"].append(entry)
         _write(results, out_dir)
 
     # AuxK off vs on, peak memory (one config): shows what the step keeps alive with and without AuxK
-    if not a.no_memory and not a.no_auxk_off:
+    if not no_memory and not a.no_auxk_off:
         base = _pick_target(grid)
         off = BenchConfig(d_in=base.d_in, k=base.k, n_tokens=base.n_tokens, expansion=base.expansion, dead_frac=0.0)
         for s in sides:
@@ -269,6 +292,9 @@ def _failures(results: dict) -> list[str]:
                 bad.append(f"{name} memory {s}: {m.get('error')}")
         if e.get("mlx") is not None and not e["mlx"].get("ok"):
             bad.append(f"{name} mlx: {e['mlx'].get('error')}")
+        for method, variant in (e.get("mlx_topk_variants") or {}).items():
+            if not variant.get("ok"):
+                bad.append(f"{name} mlx (top-k {method}): {variant.get('error')}")
     for m in results["memory_auxk_off"]:
         if not m["memory"].get("ok"):
             bad.append(f"{m['config']['name']} memory {m['side']}: {m['memory'].get('error')}")

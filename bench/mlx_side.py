@@ -24,6 +24,7 @@ def run_mlx(args) -> dict:
     except Exception as e:  # the backend is being written: report, do not fail the run
         return {"skipped": f"sae_mlx does not import: {type(e).__name__}: {e}"}
     from sae_core.config import SparseCoderConfig
+    from sae_mlx.kernels.topk import use_metal_topk
 
     cfg = BenchConfig.from_dict(args["config"])
     x_t, dead_t = make_data(cfg, "cpu")
@@ -74,6 +75,7 @@ def run_mlx(args) -> dict:
         "blas_short": ("Metal" if getattr(mx, "metal", None) and mx.metal.is_available() else
                        "CPU, OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else "CPU"),
         "mlx_device": str(mx.default_device()),
+        "topk": "metal" if use_metal_topk() else "argpartition",  # what selected (metal needs Metal)
         "metal": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
         "params": len(tree_flatten(sae.parameters())),
     }
