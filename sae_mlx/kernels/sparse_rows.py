@@ -139,6 +139,22 @@ def use_metal() -> bool:
     return mx.default_device().type == mx.DeviceType.gpu
 
 
+# Kernel variants that only a Mac can rank: the setting picks one, the first is the default.
+GATHER_DOT_ENV = "SAE_MLX_GATHER_DOT"
+SCATTER_ENV = "SAE_MLX_SCATTER"
+KERNEL_VARIANTS = {GATHER_DOT_ENV: ("lanes", "blocked"), SCATTER_ENV: ("serial", "segmented")}
+
+
+def kernel_variant(env: str) -> str:
+    """The variant the environment variable ``env`` names (SAE_MLX_GATHER_DOT: lanes | blocked, SAE_MLX_SCATTER:
+    serial | segmented); unset or empty is the first, the default."""
+    choices = KERNEL_VARIANTS[env]
+    value = os.environ.get(env, "") or choices[0]
+    if value not in choices:
+        raise ValueError(f"{env} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:
     """MLX's promotion for our float dtypes: equal stays, fp32 wins, bf16 with fp16 gives fp32."""
     return a if a == b else mx.float32
@@ -368,6 +384,97 @@ SCATTER_OUTER_SOURCE = """
     out[uint64_t(m) * uint64_t(D) + uint64_t(c)] = static_cast<OutT>(acc);
 """
 
+# ---- speed variants (item 8 of issue 13): same results, selectable, the kernels above stay the default until a
+# ---- Mac measures both (`python -m bench --mlx-kernels ...` on Apple silicon).
+
+GATHER_DOT_BLOCK = 4  # output slots j per SIMD group in the blocked gather_dot
+
+GATHER_DOT_BLOCKED_SOURCE = """
+    // One SIMD group per (token n, block of Block slots j): each lane reads rows[n, c] once per column and
+    // multiplies it with the Block table rows, so x[n] is read K / Block times instead of K times.
+    const uint lane = thread_position_in_threadgroup.x;
+    const uint block = thread_position_in_grid.y;
+    const uint n = thread_position_in_grid.z;
+    const int N = rows_shape[0];
+    const int D = rows_shape[1];
+    const int M = table_shape[0];
+    const int K = indices_shape[1];
+    // (block, n) is the same for all 32 lanes of a SIMD group: this exit is uniform, every lane reaches simd_sum.
+    if (block * uint(Block) >= uint(K) || n >= uint(N)) {
+        return;
+    }
+    const uint64_t xrow = uint64_t(n) * uint64_t(D);
+    uint64_t trow[Block];
+    bool valid[Block];
+    float acc[Block];
+    for (int b = 0; b < Block; ++b) {
+        const uint j = block * uint(Block) + uint(b);
+        const int64_t m = j < uint(K) ? int64_t(indices[uint64_t(n) * uint64_t(K) + uint64_t(j)]) : int64_t(-1);
+        valid[b] = m >= 0 && m < int64_t(M);
+        trow[b] = valid[b] ? uint64_t(m) * uint64_t(D) : uint64_t(0);
+        acc[b] = 0.0f;
+    }
+    for (uint c = lane; c < uint(D); c += 32) {
+        const float x = float(rows[xrow + uint64_t(c)]);
+        for (int b = 0; b < Block; ++b) {
+            if (valid[b]) {
+                acc[b] += x * float(table[trow[b] + uint64_t(c)]);
+            }
+        }
+    }
+    for (int b = 0; b < Block; ++b) {
+        const float total = metal::simd_sum(acc[b]);
+        const uint j = block * uint(Block) + uint(b);
+        if (lane == 0 && j < uint(K)) {
+            out[uint64_t(n) * uint64_t(K) + uint64_t(j)] = static_cast<OutT>(total);
+        }
+    }
+"""
+
+SCATTER_SEGMENT = 256  # entries per segment in the segmented scatter_outer
+
+SCATTER_SEGMENT_PARTIAL_SOURCE = """
+    // partial[s, c] = the sum over segment s: up to Segment consecutive entries of one latent's CSR range
+    // (order[offsets[m] ..]); one thread per (c, s). Segments past the used ones write 0.
+    const uint c = thread_position_in_grid.x;
+    const uint s = thread_position_in_grid.y;
+    const int K = weights_shape[1];
+    const int D = rows_shape[1];
+    const int M = offsets_shape[0] - 1;
+    const int S = seg_latent_shape[0];
+    if (c >= uint(D) || s >= uint(S)) {
+        return;
+    }
+    float acc = 0.0f;
+    if (int(s) < seg_offsets[M]) {
+        const int m = seg_latent[s];
+        const int first = offsets[m] + (int(s) - seg_offsets[m]) * Segment;
+        const int stop = first + Segment < offsets[m + 1] ? first + Segment : offsets[m + 1];
+        for (int p = first; p < stop; ++p) {
+            const uint f = order[p];
+            const uint n = f / uint(K);
+            acc += float(weights[f]) * float(rows[uint64_t(n) * uint64_t(D) + uint64_t(c)]);
+        }
+    }
+    partial[uint64_t(s) * uint64_t(D) + uint64_t(c)] = acc;
+"""
+
+SCATTER_SEGMENT_REDUCE_SOURCE = """
+    // out[m, c] = the sum of latent m's segment partials partial[seg_offsets[m] .. seg_offsets[m + 1], c]
+    const uint c = thread_position_in_grid.x;
+    const uint m = thread_position_in_grid.y;
+    const int D = partial_shape[1];
+    const int M = seg_offsets_shape[0] - 1;
+    if (c >= uint(D) || m >= uint(M)) {
+        return;
+    }
+    float acc = 0.0f;
+    for (int s = seg_offsets[m]; s < seg_offsets[m + 1]; ++s) {
+        acc += partial[uint64_t(s) * uint64_t(D) + uint64_t(c)];
+    }
+    out[uint64_t(m) * uint64_t(D) + uint64_t(c)] = static_cast<OutT>(acc);
+"""
+
 
 @dataclass(frozen=True)
 class MetalKernelSpec:
@@ -423,7 +530,27 @@ SCATTER_OUTER_SPEC = MetalKernelSpec(
     output_names=("out",),
     source=SCATTER_OUTER_SOURCE,
 )
-KERNEL_SPECS = {s.name: s for s in (GATHER_WEIGHTED_SUM_SPEC, GATHER_DOT_SPEC, SCATTER_OUTER_SPEC)}
+GATHER_DOT_BLOCKED_SPEC = MetalKernelSpec(
+    name="sae_gather_dot_blocked",
+    input_names=("rows", "table", "indices"),
+    output_names=("out",),
+    source=GATHER_DOT_BLOCKED_SOURCE,
+)
+SCATTER_SEGMENT_PARTIAL_SPEC = MetalKernelSpec(
+    name="sae_scatter_segment_partial",
+    input_names=("weights", "rows", "order", "offsets", "seg_offsets", "seg_latent"),
+    output_names=("partial",),
+    source=SCATTER_SEGMENT_PARTIAL_SOURCE,
+)
+SCATTER_SEGMENT_REDUCE_SPEC = MetalKernelSpec(
+    name="sae_scatter_segment_reduce",
+    input_names=("partial", "seg_offsets"),
+    output_names=("out",),
+    source=SCATTER_SEGMENT_REDUCE_SOURCE,
+)
+KERNEL_SPECS = {s.name: s for s in (GATHER_WEIGHTED_SUM_SPEC, GATHER_DOT_SPEC, SCATTER_OUTER_SPEC,
+                                    GATHER_DOT_BLOCKED_SPEC, SCATTER_SEGMENT_PARTIAL_SPEC,
+                                    SCATTER_SEGMENT_REDUCE_SPEC)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -556,9 +683,22 @@ def plan_gather_weighted_sum(weights: mx.array, indices: mx.array, table: mx.arr
 
 
 def plan_gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> MetalLaunch:
-    """The Metal launch of ``gather_dot`` (inputs must be non-empty: N, k > 0)."""
+    """The Metal launch of ``gather_dot`` (inputs must be non-empty: N, k > 0); the blocked kernel with
+    SAE_MLX_GATHER_DOT=blocked."""
     out_dtype = _validate_gdot(rows, table, indices)
     n, k = indices.shape
+    if kernel_variant(GATHER_DOT_ENV) == "blocked":
+        blocks = -(-k // GATHER_DOT_BLOCK)
+        ty = min(blocks, 8)
+        return MetalLaunch(
+            spec=GATHER_DOT_BLOCKED_SPEC,
+            inputs=[rows, table, indices],
+            template=[("OutT", out_dtype), ("Block", GATHER_DOT_BLOCK)],
+            grid=(32, blocks, n),
+            threadgroup=(32, ty, max(1, min(n, 8 // ty))),
+            output_shapes=[(n, k)],
+            output_dtypes=[out_dtype],
+        )
     ty = min(k, 8)
     tz = max(1, min(n, 8 // ty))
     return MetalLaunch(
@@ -583,6 +723,59 @@ def _csr_by_latent(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array
     counts = mx.zeros((num_rows + 1,), dtype=mx.int32).at[keys].add(mx.ones(keys.shape, dtype=mx.int32))
     offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(counts[:num_rows])])
     return order, offsets
+
+
+def _segments(offsets: mx.array, num_entries: int, num_rows: int) -> tuple[mx.array, mx.array]:
+    """(seg_offsets [num_rows + 1] int32, seg_latent [S] int32) cutting each latent's CSR range into segments of at
+    most SCATTER_SEGMENT entries: latent m owns segments seg_offsets[m] .. seg_offsets[m + 1], segment s belongs
+    to latent seg_latent[s]. S = min(num_rows, entries) + ceil(entries / SCATTER_SEGMENT) bounds the count
+    without a host sync (each latent has at most one partial segment); segments past seg_offsets[-1] are unused."""
+    counts = offsets[1:] - offsets[:-1]
+    per_latent = (counts + SCATTER_SEGMENT - 1) // SCATTER_SEGMENT
+    seg_offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(per_latent).astype(mx.int32)])
+    bound = min(num_rows, num_entries) + -(-num_entries // SCATTER_SEGMENT)
+    # each latent's first segment gets its number; latents without segments share the next one's start and lose
+    # to it under maximum; a running maximum fills the rest. One spare slot takes the starts at the very end.
+    firsts = mx.zeros((bound + 1,), dtype=mx.int32).at[seg_offsets[:-1]].maximum(
+        mx.arange(num_rows, dtype=mx.int32))
+    return seg_offsets, mx.cummax(firsts)[:bound]
+
+
+def plan_scatter_outer_segmented(weights: mx.array, indices: mx.array, rows: mx.array,
+                                 num_rows: int) -> list[MetalLaunch]:
+    """The two launches of the segmented ``scatter_outer`` (SAE_MLX_SCATTER=segmented): fp32 partial sums over
+    segments of at most SCATTER_SEGMENT entries, then one sum of its segments per latent. A latent that fires on
+    most tokens is then spread over many threads instead of one serial loop over all its entries. The second
+    launch's ``partial`` input is a placeholder of the right shape: :func:`scatter_outer_metal` feeds it the
+    first launch's output."""
+    out_dtype = _validate_scatter(weights, indices, rows, num_rows)
+    n, k = indices.shape
+    d = rows.shape[1]
+    _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
+    _check_size("scatter_outer num_rows + 1", num_rows + 1)
+    order, offsets = _csr_by_latent(indices, num_rows)
+    seg_offsets, seg_latent = _segments(offsets, n * k, num_rows)
+    segments = seg_latent.shape[0]
+    _check_size("segmented scatter_outer partial sums [S, d]", segments * d)
+    partial = MetalLaunch(
+        spec=SCATTER_SEGMENT_PARTIAL_SPEC,
+        inputs=[weights, rows, order, offsets, seg_offsets, seg_latent],
+        template=[("Segment", SCATTER_SEGMENT)],
+        grid=(d, segments, 1),
+        threadgroup=_row_threadgroup(d, segments),
+        output_shapes=[(segments, d)],
+        output_dtypes=[mx.float32],
+    )
+    reduce = MetalLaunch(
+        spec=SCATTER_SEGMENT_REDUCE_SPEC,
+        inputs=[mx.zeros((segments, d), dtype=mx.float32), seg_offsets],
+        template=[("OutT", out_dtype)],
+        grid=(d, num_rows, 1),
+        threadgroup=_row_threadgroup(d, num_rows),
+        output_shapes=[(num_rows, d)],
+        output_dtypes=[out_dtype],
+    )
+    return [partial, reduce]
 
 
 def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> MetalLaunch:
@@ -631,6 +824,10 @@ def scatter_outer_metal(weights: mx.array, indices: mx.array, rows: mx.array, nu
     d = rows.shape[1]
     if n == 0 or k == 0 or d == 0 or num_rows == 0:
         return mx.zeros((num_rows, d), dtype=out_dtype)
+    if kernel_variant(SCATTER_ENV) == "segmented":
+        partial, reduce = plan_scatter_outer_segmented(weights, indices, rows, num_rows)
+        (sums,) = partial.run()
+        return reduce.with_inputs([sums, reduce.inputs[1]]).run()[0]
     return plan_scatter_outer(weights, indices, rows, num_rows).run()[0]
 
 
