@@ -10,16 +10,56 @@ import numpy as np
 import pytest
 
 mx = pytest.importorskip("mlx.core")
-if not sys.platform.startswith("linux"):  # pragma: no cover
-    pytest.skip("the Metal harness targets Linux", allow_module_level=True)
 
 from parity.metal_harness import harness as H  # noqa: E402
 from sae_mlx.kernels import sparse_rows as sr  # noqa: E402
 
-if H.compiler_missing():  # pragma: no cover
-    pytest.skip(H.compiler_missing(), allow_module_level=True)
+HARNESS = sys.platform.startswith("linux") and H.compiler_missing() is None
+harness_only = pytest.mark.skipif(not HARNESS, reason="the Metal harness runs on Linux with g++ or clang++")
+metal_only = pytest.mark.skipif(not sr.HAS_METAL, reason="needs Apple-silicon Metal")
 
-from test_metal_harness import BF16, F32, I32, I64, U32, _assert_close, make_inputs, oracle, to_f64  # noqa: E402
+BF16, F32, F16 = mx.bfloat16, mx.float32, mx.float16
+I32, U32, I64 = mx.int32, mx.uint32, mx.int64
+_NP_IDX = {I32: np.int32, U32: np.uint32, I64: np.int64}
+
+
+def to_f64(a) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+def make_inputs(seed, n, k, m, d, wdt, tdt, idt, oob=False):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, m, size=(n, k))
+    if k > 1:
+        idx[:, -1] = idx[:, 0]  # repeated latent within a row
+    if oob:  # out-of-range entries: the kernels must skip them
+        idx[0, 0] = m
+        idx[-1, -1] = m + 1000
+        if idt != U32:
+            idx[n // 2, 0] = -1
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32)).astype(wdt)
+    table = mx.array(rng.standard_normal((m, d)).astype(np.float32)).astype(tdt)
+    rows = mx.array(rng.standard_normal((n, d)).astype(np.float32)).astype(wdt)
+    return w, mx.array(idx.astype(_NP_IDX[idt])), table, rows
+
+
+def oracle(kind, w, idx, table, rows, m):
+    """float64, skipping out-of-range indices (what the Metal kernels promise)."""
+    i = np.array(idx).astype(np.int64)
+    ok = (i >= 0) & (i < m)
+    ic = np.where(ok, i, 0)
+    if kind == "gdot":
+        return (to_f64(table)[ic] * to_f64(rows)[:, None, :]).sum(axis=-1) * ok
+    out = np.zeros((m, rows.shape[1]))
+    wr = (to_f64(w) * ok)[:, :, None] * to_f64(rows)[:, None, :]
+    np.add.at(out, ic.reshape(-1), wr.reshape(-1, rows.shape[1]))
+    return out
+
+
+def _assert_close(got: np.ndarray, ref: np.ndarray, out_is_bf16: bool, what: str):
+    tol = 1e-2 if out_is_bf16 else 1e-5
+    err = float(np.abs(got - ref).max())
+    assert err <= tol * max(float(np.abs(ref).max()), 1e-30), f"{what}: max|diff| {err:.3g}"
 
 # name: (kernel, N, k, M, d, weights/rows dtype, table dtype, index dtype, out-of-range indices, heavy latent)
 CASES = {
@@ -37,26 +77,31 @@ CASES = {
 }
 
 
-def run_case(name, monkeypatch):
+def run_case(name, monkeypatch, through_harness=True):
     kind, n, k, m, d, wdt, tdt, idt, oob, heavy = CASES[name]
     w, idx, table, rows = make_inputs(len(name), n, k, m, d, wdt, tdt, idt, oob)
     if heavy:
         heavy_idx = np.array(idx)
         heavy_idx[1:, 0] = 3
         idx = mx.array(heavy_idx)
-    monkeypatch.setenv("SAE_EAGER", "1")
     monkeypatch.setenv(sr.GATHER_DOT_ENV, "blocked")
     monkeypatch.setenv(sr.SCATTER_ENV, "segmented")
-    with H.kernels_through_harness() as ran:
-        if kind == "gdot":
-            got = sr.gather_dot(rows, table, idx)
-            out_dtype = sr._result_dtype(rows.dtype, table.dtype)
-        else:
-            got = sr.scatter_outer(w, idx, rows, m)
-            out_dtype = sr._result_dtype(w.dtype, rows.dtype)
-    expect_kernels = ["sae_gather_dot_blocked"] if kind == "gdot" else \
-        ["sae_scatter_segment_partial", "sae_scatter_segment_reduce"]
-    assert ran == expect_kernels
+    if kind == "gdot":
+        out_dtype = sr._result_dtype(rows.dtype, table.dtype)
+        call = lambda: sr.gather_dot_metal(rows, table, idx)  # noqa: E731
+    else:
+        out_dtype = sr._result_dtype(w.dtype, rows.dtype)
+        call = lambda: sr.scatter_outer_metal(w, idx, rows, m)  # noqa: E731
+    if through_harness:
+        monkeypatch.setenv("SAE_EAGER", "1")
+        with H.kernels_through_harness() as ran:
+            got = call()
+        expect_kernels = ["sae_gather_dot_blocked"] if kind == "gdot" else \
+            ["sae_scatter_segment_partial", "sae_scatter_segment_reduce"]
+        assert ran == expect_kernels
+    else:
+        with mx.stream(mx.gpu):
+            got = call()
     assert got.dtype == out_dtype
     exact = oracle(kind, w, idx, table, rows, m)
     ref = None
@@ -66,6 +111,7 @@ def run_case(name, monkeypatch):
     return got, exact, ref, out_dtype == BF16
 
 
+@harness_only
 @pytest.mark.parametrize("name", list(CASES))
 def test_variant_matches_oracle_and_reference(name, monkeypatch):
     got, exact, ref, bf16 = run_case(name, monkeypatch)
@@ -99,3 +145,50 @@ def test_defaults_and_settings(monkeypatch):
     monkeypatch.setenv(sr.SCATTER_ENV, "atomic")
     with pytest.raises(ValueError, match="SAE_MLX_SCATTER must be one of serial, segmented"):
         sr.kernel_variant(sr.SCATTER_ENV)
+
+
+@pytest.mark.metal
+@metal_only
+@pytest.mark.parametrize("name", list(CASES))
+def test_real_metal_variant_matches_oracle(name, monkeypatch):
+    """On Apple silicon: the variant kernels themselves, on the GPU."""
+    got, exact, ref, bf16 = run_case(name, monkeypatch, through_harness=False)
+    _assert_close(to_f64(got), exact, bf16, "vs float64 oracle")
+
+
+@harness_only
+def test_one_latent_layout_per_selection_in_a_training_step(monkeypatch):
+    """A forward + backward of the coder with the Metal kernels (through the harness) builds the latent-sorted CSR
+    layout once per selection (TopK, AuxK, Multi-TopK), not once per weight gradient; the gradients
+    equal the reference path's."""
+    import mlx.nn as nn
+
+    from sae_core.config import SparseCoderConfig
+    from sae_mlx import SparseCoder
+
+    mx.random.seed(5)
+    sae = SparseCoder(12, SparseCoderConfig(num_latents=40, k=4, multi_topk=True))
+    x = mx.random.normal((10, 12))
+    dead = mx.array(np.arange(40) % 5 == 0)
+
+    def loss(model):
+        out = model(x, dead_mask=dead)
+        return out.fvu + out.auxk_loss + out.multi_topk_fvu / 8
+
+    # AuxK through the sparse kernels (not the dense matmuls over the dead rows), so it has a layout too
+    monkeypatch.setattr(SparseCoder, "aux_dense_max_ratio", 0.0)
+    ref_loss, ref_grads = nn.value_and_grad(sae, loss)(sae)
+    mx.eval(ref_loss, ref_grads)
+    built = []
+    real = sr.latent_csr
+    monkeypatch.setattr(sr, "latent_csr", lambda indices, m: built.append(m) or real(indices, m))
+    monkeypatch.setenv("SAE_EAGER", "1")
+    with H.kernels_through_harness() as ran:
+        got_loss, got_grads = nn.value_and_grad(sae, loss)(sae)
+        mx.eval(got_loss, got_grads)
+    scatters = ran.count("sae_scatter_outer")
+    assert scatters == 6 and len(built) == 3  # 2 weight gradients per selection, 1 layout per selection
+    np.testing.assert_allclose(float(got_loss), float(ref_loss), rtol=1e-5)
+    for a, b in ((got_grads["encoder"]["weight"], ref_grads["encoder"]["weight"]),
+                 (got_grads["W_dec"], ref_grads["W_dec"])):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6)

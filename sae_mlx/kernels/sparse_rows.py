@@ -94,6 +94,7 @@ __all__ = [
     "scatter_outer_metal",
     "sparse_decode",
     "sparse_encode",
+    "latent_csr",
     "MetalKernelSpec",
     "MetalLaunch",
     "plan_gather_weighted_sum",
@@ -712,10 +713,12 @@ def plan_gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> Metal
     )
 
 
-def _csr_by_latent(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array]:
+def latent_csr(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array]:
     """(order [N*k] uint32, offsets [num_rows + 1] int32): ``order[offsets[m]:offsets[m+1]]`` are the flat
     positions n*k + j with indices[n, j] == m. Out-of-range indices get the key num_rows: they sort last and no
-    latent's range covers them, so the kernel never reads them."""
+    latent's range covers them, so the kernel never reads them. scatter_outer's Metal path needs it; a caller that
+    scatters twice with the same indices (the decoder and the encoder weight gradients of one selection) builds
+    it once and passes it as ``csr``."""
     flat = indices.reshape(-1)
     valid = (flat >= 0) & (flat < num_rows)
     keys = mx.where(valid, flat, num_rows).astype(mx.int32)
@@ -723,6 +726,9 @@ def _csr_by_latent(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array
     counts = mx.zeros((num_rows + 1,), dtype=mx.int32).at[keys].add(mx.ones(keys.shape, dtype=mx.int32))
     offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(counts[:num_rows])])
     return order, offsets
+
+
+_csr_by_latent = latent_csr
 
 
 def _segments(offsets: mx.array, num_entries: int, num_rows: int) -> tuple[mx.array, mx.array]:
@@ -741,8 +747,8 @@ def _segments(offsets: mx.array, num_entries: int, num_rows: int) -> tuple[mx.ar
     return seg_offsets, mx.cummax(firsts)[:bound]
 
 
-def plan_scatter_outer_segmented(weights: mx.array, indices: mx.array, rows: mx.array,
-                                 num_rows: int) -> list[MetalLaunch]:
+def plan_scatter_outer_segmented(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                                 csr: tuple[mx.array, mx.array] | None = None) -> list[MetalLaunch]:
     """The two launches of the segmented ``scatter_outer`` (SAE_MLX_SCATTER=segmented): fp32 partial sums over
     segments of at most SCATTER_SEGMENT entries, then one sum of its segments per latent. A latent that fires on
     most tokens is then spread over many threads instead of one serial loop over all its entries. The second
@@ -753,7 +759,7 @@ def plan_scatter_outer_segmented(weights: mx.array, indices: mx.array, rows: mx.
     d = rows.shape[1]
     _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
     _check_size("scatter_outer num_rows + 1", num_rows + 1)
-    order, offsets = _csr_by_latent(indices, num_rows)
+    order, offsets = latent_csr(indices, num_rows) if csr is None else csr
     seg_offsets, seg_latent = _segments(offsets, n * k, num_rows)
     segments = seg_latent.shape[0]
     _check_size("segmented scatter_outer partial sums [S, d]", segments * d)
@@ -778,7 +784,8 @@ def plan_scatter_outer_segmented(weights: mx.array, indices: mx.array, rows: mx.
     return [partial, reduce]
 
 
-def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> MetalLaunch:
+def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                       csr: tuple[mx.array, mx.array] | None = None) -> MetalLaunch:
     """The Metal launch of ``scatter_outer`` (inputs must be non-empty: N, k, d, num_rows > 0). Builds the
     per-latent CSR layout with MLX ops (argsort + counts + cumsum) first."""
     out_dtype = _validate_scatter(weights, indices, rows, num_rows)
@@ -786,7 +793,7 @@ def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num
     d = rows.shape[1]
     _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
     _check_size("scatter_outer num_rows + 1", num_rows + 1)
-    order, offsets = _csr_by_latent(indices, num_rows)
+    order, offsets = latent_csr(indices, num_rows) if csr is None else csr
     return MetalLaunch(
         spec=SCATTER_OUTER_SPEC,
         inputs=[weights, rows, order, offsets],
@@ -817,18 +824,20 @@ def gather_dot_metal(rows: mx.array, table: mx.array, indices: mx.array) -> mx.a
     return plan_gather_dot(rows, table, indices).run()[0]
 
 
-def scatter_outer_metal(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
-    """Metal kernel for ``scatter_outer`` (needs Apple-silicon Metal)."""
+def scatter_outer_metal(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                        csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
+    """Metal kernel for ``scatter_outer`` (needs Apple-silicon Metal); ``csr``: ``latent_csr(indices, num_rows)``
+    if the caller has it already."""
     out_dtype = _validate_scatter(weights, indices, rows, num_rows)
     n, k = indices.shape
     d = rows.shape[1]
     if n == 0 or k == 0 or d == 0 or num_rows == 0:
         return mx.zeros((num_rows, d), dtype=out_dtype)
     if kernel_variant(SCATTER_ENV) == "segmented":
-        partial, reduce = plan_scatter_outer_segmented(weights, indices, rows, num_rows)
+        partial, reduce = plan_scatter_outer_segmented(weights, indices, rows, num_rows, csr)
         (sums,) = partial.run()
         return reduce.with_inputs([sums, reduce.inputs[1]]).run()[0]
-    return plan_scatter_outer(weights, indices, rows, num_rows).run()[0]
+    return plan_scatter_outer(weights, indices, rows, num_rows, csr).run()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -851,11 +860,13 @@ def gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> mx.array:
     return gather_dot_reference(rows, table, indices)
 
 
-def scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
+def scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                  csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """``out[m] = sum_{indices[n, j] == m} weights[n, j] * rows[n]`` -> [num_rows, d]; Metal when available, else
-    the reference."""
+    the reference. ``csr``: ``latent_csr(indices, num_rows)`` if the caller has it (the Metal path then skips
+    building it; the reference does not use it)."""
     if use_metal():
-        return scatter_outer_metal(weights, indices, rows, num_rows)
+        return scatter_outer_metal(weights, indices, rows, num_rows, csr)
     return scatter_outer_reference(weights, indices, rows, num_rows)
 
 
@@ -868,35 +879,62 @@ def _single(cotangent):
     return cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
 
 
-@mx.custom_function
-def sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array) -> mx.array:
+def sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array,
+                  csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """Differentiable ``sum_j acts[:, j] * weight[indices[:, j]]`` -> [N, d] (no bias); gradients w.r.t. ``acts``
-    [N, k] and ``weight`` [M, d] (``indices`` get zeros)."""
-    return gather_weighted_sum(acts, indices, weight)
+    [N, k] and ``weight`` [M, d] (``indices`` get zeros). ``csr``: ``latent_csr(indices, M)``, shared with the
+    other sparse wrapper of the same selection so the weight gradients build it once."""
+    if csr is None:
+        return _sparse_decode(acts, indices, weight)
+    return _sparse_decode_csr(acts, indices, weight, *csr)
 
 
-@sparse_decode.vjp
-def _sparse_decode_vjp(primals, cotangent, output):
-    acts, indices, weight = primals
+def _decode_vjp(acts, indices, weight, cotangent, csr=None):
     cot = _single(cotangent)
     d_acts = gather_dot(cot, weight, indices).astype(acts.dtype)
-    d_weight = scatter_outer(acts, indices, cot, weight.shape[0]).astype(weight.dtype)
+    d_weight = scatter_outer(acts, indices, cot, weight.shape[0], csr).astype(weight.dtype)
     return d_acts, mx.zeros_like(indices), d_weight
 
 
-def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array, values: mx.array | None = None) -> mx.array:
+@mx.custom_function
+def _sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array) -> mx.array:
+    return gather_weighted_sum(acts, indices, weight)
+
+
+@_sparse_decode.vjp
+def _sparse_decode_vjp(primals, cotangent, output):
+    return _decode_vjp(*primals, cotangent)
+
+
+@mx.custom_function
+def _sparse_decode_csr(acts, indices, weight, order, offsets) -> mx.array:
+    return gather_weighted_sum(acts, indices, weight)
+
+
+@_sparse_decode_csr.vjp
+def _sparse_decode_csr_vjp(primals, cotangent, output):
+    acts, indices, weight, order, offsets = primals
+    return (*_decode_vjp(acts, indices, weight, cotangent, (order, offsets)), mx.zeros_like(order),
+            mx.zeros_like(offsets))
+
+
+def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array, values: mx.array | None = None,
+                  csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias);
     gradients w.r.t. ``x`` [N, d] and ``weight`` [M, d] (``indices`` get zeros). ``values``: those numbers if
-    already computed (gathered from a dense pre-activation matmul); then only the vjp runs sparse kernels."""
+    already computed (gathered from a dense pre-activation matmul); then only the vjp runs sparse kernels.
+    ``csr`` (with ``values``): ``latent_csr(indices, M)``, as for :func:`sparse_decode`."""
     if values is None:
         return _sparse_encode(x, weight, indices)
-    return _sparse_encode_given(x, weight, indices, mx.stop_gradient(values))
+    if csr is None:
+        return _sparse_encode_given(x, weight, indices, mx.stop_gradient(values))
+    return _sparse_encode_given_csr(x, weight, indices, mx.stop_gradient(values), *csr)
 
 
-def _encode_vjp(x, weight, indices, cotangent):
+def _encode_vjp(x, weight, indices, cotangent, csr=None):
     cot = _single(cotangent)
     d_x = gather_weighted_sum(cot, indices, weight).astype(x.dtype)
-    d_weight = scatter_outer(cot, indices, x, weight.shape[0]).astype(weight.dtype)
+    d_weight = scatter_outer(cot, indices, x, weight.shape[0], csr).astype(weight.dtype)
     return d_x, d_weight, mx.zeros_like(indices)
 
 
@@ -919,3 +957,15 @@ def _sparse_encode_given(x: mx.array, weight: mx.array, indices: mx.array, value
 def _sparse_encode_given_vjp(primals, cotangent, output):
     x, weight, indices, values = primals
     return (*_encode_vjp(x, weight, indices, cotangent), mx.zeros_like(values))
+
+
+@mx.custom_function
+def _sparse_encode_given_csr(x, weight, indices, values, order, offsets) -> mx.array:
+    return values
+
+
+@_sparse_encode_given_csr.vjp
+def _sparse_encode_given_csr_vjp(primals, cotangent, output):
+    x, weight, indices, values, order, offsets = primals
+    return (*_encode_vjp(x, weight, indices, cotangent, (order, offsets)), mx.zeros_like(values),
+            mx.zeros_like(order), mx.zeros_like(offsets))
