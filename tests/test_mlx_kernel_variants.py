@@ -1,7 +1,8 @@
 """The speed variants of the Metal sparse-row kernels (issue 13 item 8), through the Linux Metal harness against
 a float64 oracle and the pure-MLX references: the blocked gather_dot (x[n] read once per block of slots, not once
-per slot) and the segmented scatter_outer (a latent that fires on most tokens is summed by many threads, not by one
-serial loop). The old kernels stay the default; SAE_MLX_GATHER_DOT / SAE_MLX_SCATTER select the variants."""
+per slot), the segmented scatter_outer (a latent that fires on most tokens is summed by many threads, not by one
+serial loop) and the wide gather_weighted_sum / scatter_outer (4 neighbouring columns per thread). The old kernels
+stay the default; SAE_MLX_GWS / SAE_MLX_GATHER_DOT / SAE_MLX_SCATTER select the variants."""
 from __future__ import annotations
 
 import sys
@@ -50,6 +51,8 @@ def oracle(kind, w, idx, table, rows, m):
     ic = np.where(ok, i, 0)
     if kind == "gdot":
         return (to_f64(table)[ic] * to_f64(rows)[:, None, :]).sum(axis=-1) * ok
+    if kind == "gws":
+        return ((to_f64(w) * ok)[:, :, None] * to_f64(table)[ic]).sum(axis=1)
     out = np.zeros((m, rows.shape[1]))
     wr = (to_f64(w) * ok)[:, :, None] * to_f64(rows)[:, None, :]
     np.add.at(out, ic.reshape(-1), wr.reshape(-1, rows.shape[1]))
@@ -61,8 +64,16 @@ def _assert_close(got: np.ndarray, ref: np.ndarray, out_is_bf16: bool, what: str
     err = float(np.abs(got - ref).max())
     assert err <= tol * max(float(np.abs(ref).max()), 1e-30), f"{what}: max|diff| {err:.3g}"
 
-# name: (kernel, N, k, M, d, weights/rows dtype, table dtype, index dtype, out-of-range indices, heavy latent)
+# name: (kernel, N, k, M, d, weights/rows dtype, table dtype, index dtype, out-of-range indices, heavy latent);
+# kernel "scatter" is the segmented one, "scatter-wide" the wide one. d = 77 / 129 / 35 / 9: the last thread of a
+# wide row has 1 column (77 = 4 * 19 + 1), 1, 3, 1.
 CASES = {
+    "gws-wide-d77": ("gws", 13, 4, 29, 77, F32, F32, I32, False, False),
+    "gws-wide-bf16-d129-oob": ("gws", 7, 5, 19, 129, BF16, BF16, U32, True, False),
+    "gws-wide-mixed-d300-k1": ("gws", 5, 1, 37, 300, BF16, F32, I64, False, False),
+    "gws-wide-d3": ("gws", 3, 2, 5, 3, F32, F32, I32, False, False),
+    "scatter-wide-heavy-d35": ("scatter-wide", 700, 2, 9, 35, F32, F32, I32, False, True),
+    "scatter-wide-bf16-oob": ("scatter-wide", 60, 3, 17, 129, BF16, BF16, I64, True, False),
     "gdot-k1": ("gdot", 5, 1, 9, 77, F32, F32, I32, False, False),
     "gdot-k5-partial-block": ("gdot", 6, 5, 11, 40, F32, F32, I32, False, False),
     "gdot-k9-bf16": ("gdot", 7, 9, 13, 129, BF16, BF16, U32, False, False),
@@ -84,11 +95,15 @@ def run_case(name, monkeypatch, through_harness=True):
         heavy_idx = np.array(idx)
         heavy_idx[1:, 0] = 3
         idx = mx.array(heavy_idx)
+    monkeypatch.setenv(sr.GWS_ENV, "wide")
     monkeypatch.setenv(sr.GATHER_DOT_ENV, "blocked")
-    monkeypatch.setenv(sr.SCATTER_ENV, "segmented")
+    monkeypatch.setenv(sr.SCATTER_ENV, "wide" if kind == "scatter-wide" else "segmented")
     if kind == "gdot":
         out_dtype = sr._result_dtype(rows.dtype, table.dtype)
         call = lambda: sr.gather_dot_metal(rows, table, idx)  # noqa: E731
+    elif kind == "gws":
+        out_dtype = sr._result_dtype(w.dtype, table.dtype)
+        call = lambda: sr.gather_weighted_sum_metal(w, idx, table)  # noqa: E731
     else:
         out_dtype = sr._result_dtype(w.dtype, rows.dtype)
         call = lambda: sr.scatter_outer_metal(w, idx, rows, m)  # noqa: E731
@@ -96,8 +111,9 @@ def run_case(name, monkeypatch, through_harness=True):
         monkeypatch.setenv("SAE_EAGER", "1")
         with H.kernels_through_harness() as ran:
             got = call()
-        expect_kernels = ["sae_gather_dot_blocked"] if kind == "gdot" else \
-            ["sae_scatter_segment_partial", "sae_scatter_segment_reduce"]
+        expect_kernels = {"gdot": ["sae_gather_dot_blocked"], "gws": ["sae_gather_weighted_sum_wide"],
+                          "scatter-wide": ["sae_scatter_outer_wide"],
+                          "scatter": ["sae_scatter_segment_partial", "sae_scatter_segment_reduce"]}[kind]
         assert ran == expect_kernels
     else:
         with mx.stream(mx.gpu):
@@ -106,8 +122,9 @@ def run_case(name, monkeypatch, through_harness=True):
     exact = oracle(kind, w, idx, table, rows, m)
     ref = None
     if not oob:
-        ref = sr.gather_dot_reference(rows, table, idx) if kind == "gdot" else \
-            sr.scatter_outer_reference(w, idx, rows, m)
+        ref = {"gdot": lambda: sr.gather_dot_reference(rows, table, idx),
+               "gws": lambda: sr.gather_weighted_sum_reference(w, idx, table)}.get(
+            kind, lambda: sr.scatter_outer_reference(w, idx, rows, m))()
     return got, exact, ref, out_dtype == BF16
 
 
@@ -135,15 +152,16 @@ def test_segments_split_the_heavy_latent():
 
 
 def test_defaults_and_settings(monkeypatch):
-    for env in (sr.GATHER_DOT_ENV, sr.SCATTER_ENV):
+    for env in (sr.GWS_ENV, sr.GATHER_DOT_ENV, sr.SCATTER_ENV):
         monkeypatch.delenv(env, raising=False)
-    assert sr.kernel_variant(sr.GATHER_DOT_ENV) == "lanes" and sr.kernel_variant(sr.SCATTER_ENV) == "serial"
+    assert [sr.kernel_variant(env) for env in (sr.GWS_ENV, sr.GATHER_DOT_ENV, sr.SCATTER_ENV)] == \
+        ["scalar", "lanes", "serial"]
     w, idx, table, rows = make_inputs(1, 4, 3, 7, 9, F32, F32, I32)
     assert sr.plan_gather_dot(rows, table, idx).spec.name == "sae_gather_dot"
     monkeypatch.setenv(sr.GATHER_DOT_ENV, "blocked")
     assert sr.plan_gather_dot(rows, table, idx).spec.name == "sae_gather_dot_blocked"
     monkeypatch.setenv(sr.SCATTER_ENV, "atomic")
-    with pytest.raises(ValueError, match="SAE_MLX_SCATTER must be one of serial, segmented"):
+    with pytest.raises(ValueError, match="SAE_MLX_SCATTER must be one of serial, segmented, wide"):
         sr.kernel_variant(sr.SCATTER_ENV)
 
 

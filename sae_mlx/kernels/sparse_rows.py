@@ -141,14 +141,16 @@ def use_metal() -> bool:
 
 
 # Kernel variants that only a Mac can rank: the setting picks one, the first is the default.
+GWS_ENV = "SAE_MLX_GWS"
 GATHER_DOT_ENV = "SAE_MLX_GATHER_DOT"
 SCATTER_ENV = "SAE_MLX_SCATTER"
-KERNEL_VARIANTS = {GATHER_DOT_ENV: ("lanes", "blocked"), SCATTER_ENV: ("serial", "segmented")}
+KERNEL_VARIANTS = {GWS_ENV: ("scalar", "wide"), GATHER_DOT_ENV: ("lanes", "blocked"),
+                   SCATTER_ENV: ("serial", "segmented", "wide")}
 
 
 def kernel_variant(env: str) -> str:
-    """The variant the environment variable ``env`` names (SAE_MLX_GATHER_DOT: lanes | blocked, SAE_MLX_SCATTER:
-    serial | segmented); unset or empty is the first, the default."""
+    """The variant the environment variable ``env`` names (SAE_MLX_GWS: scalar | wide, SAE_MLX_GATHER_DOT:
+    lanes | blocked, SAE_MLX_SCATTER: serial | segmented | wide); unset or empty is the first, the default."""
     choices = KERNEL_VARIANTS[env]
     value = os.environ.get(env, "") or choices[0]
     if value not in choices:
@@ -432,6 +434,73 @@ GATHER_DOT_BLOCKED_SOURCE = """
     }
 """
 
+WIDE_COLUMNS = 4  # output columns per thread in the wide gather_weighted_sum / scatter_outer
+
+GATHER_WEIGHTED_SUM_WIDE_SOURCE = """
+    // out[n, c0 .. c0 + Cols) with c0 = Cols * x: each thread reads each slot's index and weight once for Cols
+    // neighbouring columns, and the Cols table elements of a row side by side (MLX's own kernels read N_READS
+    // elements per thread the same way).
+    const uint c0 = thread_position_in_grid.x * uint(Cols);
+    const uint n = thread_position_in_grid.y;
+    const int N = weights_shape[0];
+    const int K = weights_shape[1];
+    const int M = table_shape[0];
+    const int D = table_shape[1];
+    if (c0 >= uint(D) || n >= uint(N)) {
+        return;
+    }
+    const uint width = uint(D) - c0 < uint(Cols) ? uint(D) - c0 : uint(Cols);
+    const uint64_t slot0 = uint64_t(n) * uint64_t(K);
+    float acc[Cols];
+    for (int b = 0; b < Cols; ++b) {
+        acc[b] = 0.0f;
+    }
+    for (int j = 0; j < K; ++j) {
+        const int64_t m = int64_t(indices[slot0 + uint64_t(j)]);
+        if (m >= 0 && m < int64_t(M)) {
+            const float w = float(weights[slot0 + uint64_t(j)]);
+            const uint64_t trow = uint64_t(m) * uint64_t(D) + uint64_t(c0);
+            for (uint b = 0; b < width; ++b) {
+                acc[b] += w * float(table[trow + uint64_t(b)]);
+            }
+        }
+    }
+    const uint64_t orow = uint64_t(n) * uint64_t(D) + uint64_t(c0);
+    for (uint b = 0; b < width; ++b) {
+        out[orow + uint64_t(b)] = static_cast<OutT>(acc[b]);
+    }
+"""
+
+SCATTER_OUTER_WIDE_SOURCE = """
+    // out[m, c0 .. c0 + Cols) with c0 = Cols * x: as the serial scatter_outer, each thread reading each entry's
+    // position and weight once for Cols neighbouring columns.
+    const uint c0 = thread_position_in_grid.x * uint(Cols);
+    const uint m = thread_position_in_grid.y;
+    const int K = weights_shape[1];
+    const int D = rows_shape[1];
+    const int M = offsets_shape[0] - 1;
+    if (c0 >= uint(D) || m >= uint(M)) {
+        return;
+    }
+    const uint width = uint(D) - c0 < uint(Cols) ? uint(D) - c0 : uint(Cols);
+    float acc[Cols];
+    for (int b = 0; b < Cols; ++b) {
+        acc[b] = 0.0f;
+    }
+    for (int p = offsets[m]; p < offsets[m + 1]; ++p) {
+        const uint f = order[p];
+        const float w = float(weights[f]);
+        const uint64_t row = uint64_t(f / uint(K)) * uint64_t(D) + uint64_t(c0);
+        for (uint b = 0; b < width; ++b) {
+            acc[b] += w * float(rows[row + uint64_t(b)]);
+        }
+    }
+    const uint64_t orow = uint64_t(m) * uint64_t(D) + uint64_t(c0);
+    for (uint b = 0; b < width; ++b) {
+        out[orow + uint64_t(b)] = static_cast<OutT>(acc[b]);
+    }
+"""
+
 SCATTER_SEGMENT = 256  # entries per segment in the segmented scatter_outer
 
 SCATTER_SEGMENT_PARTIAL_SOURCE = """
@@ -549,9 +618,22 @@ SCATTER_SEGMENT_REDUCE_SPEC = MetalKernelSpec(
     output_names=("out",),
     source=SCATTER_SEGMENT_REDUCE_SOURCE,
 )
+GATHER_WEIGHTED_SUM_WIDE_SPEC = MetalKernelSpec(
+    name="sae_gather_weighted_sum_wide",
+    input_names=("weights", "indices", "table"),
+    output_names=("out",),
+    source=GATHER_WEIGHTED_SUM_WIDE_SOURCE,
+)
+SCATTER_OUTER_WIDE_SPEC = MetalKernelSpec(
+    name="sae_scatter_outer_wide",
+    input_names=("weights", "rows", "order", "offsets"),
+    output_names=("out",),
+    source=SCATTER_OUTER_WIDE_SOURCE,
+)
 KERNEL_SPECS = {s.name: s for s in (GATHER_WEIGHTED_SUM_SPEC, GATHER_DOT_SPEC, SCATTER_OUTER_SPEC,
                                     GATHER_DOT_BLOCKED_SPEC, SCATTER_SEGMENT_PARTIAL_SPEC,
-                                    SCATTER_SEGMENT_REDUCE_SPEC)}
+                                    SCATTER_SEGMENT_REDUCE_SPEC, GATHER_WEIGHTED_SUM_WIDE_SPEC,
+                                    SCATTER_OUTER_WIDE_SPEC)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -668,10 +750,22 @@ def _row_threadgroup(width: int, rows: int) -> tuple[int, int, int]:
 
 
 def plan_gather_weighted_sum(weights: mx.array, indices: mx.array, table: mx.array) -> MetalLaunch:
-    """The Metal launch of ``gather_weighted_sum`` (inputs must be non-empty: N, k, d > 0)."""
+    """The Metal launch of ``gather_weighted_sum`` (inputs must be non-empty: N, k, d > 0); the wide kernel
+    (WIDE_COLUMNS columns per thread) with SAE_MLX_GWS=wide."""
     out_dtype = _validate_gws(weights, indices, table)
     n, _ = indices.shape
     d = table.shape[1]
+    if kernel_variant(GWS_ENV) == "wide":
+        width = -(-d // WIDE_COLUMNS)
+        return MetalLaunch(
+            spec=GATHER_WEIGHTED_SUM_WIDE_SPEC,
+            inputs=[weights, indices, table],
+            template=[("OutT", out_dtype), ("Cols", WIDE_COLUMNS)],
+            grid=(width, n, 1),
+            threadgroup=_row_threadgroup(width, n),
+            output_shapes=[(n, d)],
+            output_dtypes=[out_dtype],
+        )
     return MetalLaunch(
         spec=GATHER_WEIGHTED_SUM_SPEC,
         inputs=[weights, indices, table],
@@ -794,6 +888,17 @@ def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num
     _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
     _check_size("scatter_outer num_rows + 1", num_rows + 1)
     order, offsets = latent_csr(indices, num_rows) if csr is None else csr
+    if kernel_variant(SCATTER_ENV) == "wide":
+        width = -(-d // WIDE_COLUMNS)
+        return MetalLaunch(
+            spec=SCATTER_OUTER_WIDE_SPEC,
+            inputs=[weights, rows, order, offsets],
+            template=[("OutT", out_dtype), ("Cols", WIDE_COLUMNS)],
+            grid=(width, num_rows, 1),
+            threadgroup=_row_threadgroup(width, num_rows),
+            output_shapes=[(num_rows, d)],
+            output_dtypes=[out_dtype],
+        )
     return MetalLaunch(
         spec=SCATTER_OUTER_SPEC,
         inputs=[weights, rows, order, offsets],
