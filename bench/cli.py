@@ -61,10 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--mlx-on", choices=["all", "first", "none"], default=None,
                    help="grid configs the MLX backend runs on [all with Metal; on Linux 'first' (the smallest): "
                         "there MLX runs its pure-MLX reference kernels on the CPU, about 100 s per step at d_in=768]")
-    p.add_argument("--mlx-topk", default="argpartition",
-                   help="comma-separated top-k selections the MLX backend is timed with, from argpartition "
-                        "(mx.argpartition, a full sort on Metal) and metal (sae_mlx's radix-select kernel, "
-                        "SAE_MLX_TOPK=metal); e.g. argpartition,metal compares both on a Mac [argpartition]")
+    p.add_argument("--mlx-variants", default="default",
+                   help="comma-separated kernel variants the MLX step is timed with, each 'default' or settings "
+                        "joined by '+': topk=argpartition|metal, gws=scalar|wide, gather_dot=lanes|blocked, "
+                        "scatter=serial|segmented|wide (the SAE_MLX_* variables of sae_mlx/kernels); e.g. "
+                        "default,topk=metal,scatter=segmented,topk=metal+gws=wide+gather_dot=blocked+scatter=wide "
+                        "on a Mac [default]")
     p.add_argument("--mlx-reps", type=int, default=None,
                    help="timed MLX steps [as --reps with Metal; on Linux 1, after no warm-up]")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -108,6 +110,33 @@ def resolve_device(arg: str) -> str:
         raise SystemExit("--device mps: torch sees no Metal (MPS) device (Apple silicon with macOS 12.3+ and an "
                          "arm64 Python)")
     return arg
+
+
+# --mlx-variants keys -> the environment variables sae_mlx reads (sae_mlx/kernels/topk.py, sparse_rows.py)
+MLX_VARIANT_ENV = {"topk": ("SAE_MLX_TOPK", ("argpartition", "metal")),
+                   "gws": ("SAE_MLX_GWS", ("scalar", "wide")),
+                   "gather_dot": ("SAE_MLX_GATHER_DOT", ("lanes", "blocked")),
+                   "scatter": ("SAE_MLX_SCATTER", ("serial", "segmented", "wide"))}
+
+
+def parse_mlx_variants(text: str) -> dict[str, dict[str, str]]:
+    """{variant name: environment} from --mlx-variants; 'default' sets every variable to its default."""
+    variants = {}
+    for name in (v.strip() for v in text.split(",")):
+        if not name:
+            continue
+        env = {var: choices[0] for var, choices in MLX_VARIANT_ENV.values()}
+        if name != "default":
+            for setting in name.split("+"):
+                key, _, value = setting.partition("=")
+                if key not in MLX_VARIANT_ENV or value not in MLX_VARIANT_ENV[key][1]:
+                    choices = "; ".join(f"{k}={'|'.join(c)}" for k, (_, c) in MLX_VARIANT_ENV.items())
+                    raise SystemExit(f"--mlx-variants: unknown setting {setting!r}; choose from {choices}")
+                env[MLX_VARIANT_ENV[key][0]] = value
+        variants[name] = env
+    if not variants:
+        raise SystemExit("--mlx-variants: give at least one variant (e.g. default)")
+    return variants
 
 
 def find_openblas(arg: str) -> str | None:
@@ -217,10 +246,7 @@ def main(argv=None) -> int:
                 mlx_env = {"LD_PRELOAD": blas}
 
     no_memory = a.no_memory or device == "mps"
-    topk_methods = [m.strip() for m in a.mlx_topk.split(",") if m.strip()]
-    bad_topk = sorted(set(topk_methods) - {"argpartition", "metal"})
-    if bad_topk or not topk_methods:
-        raise SystemExit(f"--mlx-topk: unknown {bad_topk or a.mlx_topk!r}; choose from argpartition, metal")
+    mlx_variants = parse_mlx_variants(a.mlx_variants)
     for cfg in grid:
         entry = {"config": cfg.to_dict()}
         log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
@@ -232,14 +258,15 @@ def main(argv=None) -> int:
                 log(f"{cfg.name}: peak memory of {s} (fresh process)")
                 entry["memory"][s] = run_worker("memory", {**common, "config": cfg.to_dict(), "side": s}, a.timeout)
         if mlx_run and (mlx_on == "all" or cfg is grid[0]):
-            for method in topk_methods:  # entry["mlx"]: the first; the others beside it, by selection method
-                log(f"{cfg.name}: MLX backend, top-k by {method} ({mlx_warmup} warm-up + {mlx_reps} timed steps)")
+            for i, (variant, variant_env) in enumerate(mlx_variants.items()):
+                # entry["mlx"]: the first variant; the others beside it, by name
+                log(f"{cfg.name}: MLX backend, kernels {variant} ({mlx_warmup} warm-up + {mlx_reps} timed steps)")
                 result = run_worker("mlx", {"config": cfg.to_dict(), "warmup": mlx_warmup, "reps": mlx_reps},
-                                    a.timeout, {**mlx_env, "SAE_MLX_TOPK": method})
-                if method == topk_methods[0]:
+                                    a.timeout, {**mlx_env, **variant_env})
+                if i == 0:
                     entry["mlx"] = result
                 else:
-                    entry.setdefault("mlx_topk_variants", {})[method] = result
+                    entry.setdefault("mlx_variants", {})[variant] = result
         results["configs"].append(entry)
         _write(results, out_dir)
 
@@ -292,9 +319,9 @@ def _failures(results: dict) -> list[str]:
                 bad.append(f"{name} memory {s}: {m.get('error')}")
         if e.get("mlx") is not None and not e["mlx"].get("ok"):
             bad.append(f"{name} mlx: {e['mlx'].get('error')}")
-        for method, variant in (e.get("mlx_topk_variants") or {}).items():
-            if not variant.get("ok"):
-                bad.append(f"{name} mlx (top-k {method}): {variant.get('error')}")
+        for variant, result in (e.get("mlx_variants") or {}).items():
+            if not result.get("ok"):
+                bad.append(f"{name} mlx ({variant}): {result.get('error')}")
     for m in results["memory_auxk_off"]:
         if not m["memory"].get("ok"):
             bad.append(f"{m['config']['name']} memory {m['side']}: {m['memory'].get('error')}")

@@ -99,8 +99,9 @@ def markdown(results: dict, target: dict) -> str:
             if c["d_in"] == target["d_in"] and c["k"] == target["k"]:
                 target_rows[sd] = (speed, mem_r, rss_r)
         mx = e.get("mlx")
-        variants = [("", mx)] + [(f", top-k {m}" + ("" if r.get("topk", m) == m else f" asked, {r['topk']} ran"), r)
-                                 for m, r in (e.get("mlx_topk_variants") or {}).items()]
+        variants = [("", mx)] + [(f", kernels {name}" + ("" if isinstance(r.get("kernels"), dict) else
+                                                          f" asked, {r.get('kernels')} ran"), r)
+                                 for name, r in (e.get("mlx_variants") or {}).items()]
         for how, mx_run in variants if mx is not None else []:
             if mx_run.get("ok") and "time" in mx_run:
                 v = mx_run["time"]["median_s"]

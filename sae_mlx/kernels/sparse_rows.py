@@ -44,6 +44,17 @@ Metal kernel designs (one thread per output element, no threadgroup memory, no a
   not serialise on contended atomics, and no ``atomic<float>`` (Apple7+/Metal 3) is needed. The price is the
   argsort of N*k int32 keys and a scatter-add of N*k ones, both small next to the N*k*d multiply-adds.
 
+Speed variants (selectable; the kernels above stay the default until a Mac measures them with
+``python -m bench --mlx-variants ...``; every variant has the same reference and harness tests):
+* ``SAE_MLX_GWS=wide`` / ``SAE_MLX_SCATTER=wide``: 4 neighbouring output columns per thread, so each slot's
+  index and weight are read once for 4 columns and a row's elements side by side (MLX's kernels read N_READS).
+* ``SAE_MLX_GATHER_DOT=blocked``: one SIMD group per token and 4 slots: x[n] is read once per 4 slots, not per slot.
+* ``SAE_MLX_SCATTER=segmented``: each latent's entries cut into segments of at most 256; fp32 partial sums per
+  segment, then one sum of its segments per latent. A latent that fires on most tokens is summed by many threads
+  instead of one thread's long serial loop (the tail of the serial kernel).
+And always: the latent-sorted layout (``latent_csr``) is built once per selection and shared by the decoder and
+encoder weight gradients (``csr=`` of ``sparse_decode`` / ``sparse_encode`` / ``scatter_outer``).
+
 All three use 64-bit offsets (``uint64_t``) inside the kernels, so tables with more than 2**32 elements are
 addressed correctly; sizes come from the ``*_shape`` arguments MLX passes, so one compiled kernel per dtype
 combination serves every N, k, d and M (no recompilation when k_aux or the batch size changes).
@@ -388,7 +399,7 @@ SCATTER_OUTER_SOURCE = """
 """
 
 # ---- speed variants (item 8 of issue 13): same results, selectable, the kernels above stay the default until a
-# ---- Mac measures both (`python -m bench --mlx-kernels ...` on Apple silicon).
+# ---- Mac measures both (`python -m bench --mlx-variants ...` on Apple silicon).
 
 GATHER_DOT_BLOCK = 4  # output slots j per SIMD group in the blocked gather_dot
 

@@ -9,7 +9,7 @@ up to three times (TopK, AuxK, Multi-TopK). The kernel is a radix select that ne
 * ``topk_indices_metal``: the Metal kernel below (``mx.fast.metal_kernel``), needs Apple-silicon Metal.
 * ``topk_indices``: the dispatcher. It takes the Metal kernel only when :func:`use_metal_topk` says so: Metal in
   use (``sparse_rows.use_metal``) and ``SAE_MLX_TOPK=metal``. The default stays ``argpartition`` until a
-  measurement on a Mac (``python -m bench --mlx-topk argpartition,metal``) shows the kernel is faster.
+  measurement on a Mac (``python -m bench --mlx-variants default,topk=metal``) shows the kernel is faster.
 
 Kernel design (one SIMD group of 32 lanes per row; no threadgroup memory, no atomics)
 ------------------------------------------------------------------------------------
