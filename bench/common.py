@@ -115,6 +115,8 @@ def describe_environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
+    if device == "mps":
+        env["gpu"] = f"Apple silicon GPU (MPS), macOS {platform.mac_ver()[0]}"
     return env
 
 
