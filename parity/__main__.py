@@ -65,8 +65,7 @@ def run(args) -> int:
         try:
             rows += _child_rows("torch-triton", args)
         except RuntimeError as error:  # reported as a failed path; the other paths' rows still print
-            rows.append(Row("torch-triton", str(error).splitlines()[0], "all", "path failed", float("inf"), 0.0,
-                            False))
+            rows.append(Row("torch-triton", str(error).splitlines()[0], "all", "path failed", 1.0, 0.0, False))
     if args.training:
         rows += _training_rows(reasons)
     if progress:

@@ -184,8 +184,8 @@ def failed_path_row(path: str, case: Case, dtype: str, error: BaseException) -> 
     """The row of a path that raised (e.g. the Metal harness's compiler refused the source): quantity "path
     failed", the case it failed on and the first line of the error, so the table says why."""
     reason = (str(error).strip().splitlines() or [""])[0][:300]
-    return Row(path, f"{case.name}: {type(error).__name__}: {reason}", dtype, "path failed", float("inf"), 0.0,
-               False)
+    # error 1 over ceiling 0, as a failed exact check: finite, so --json and report files stay strict JSON
+    return Row(path, f"{case.name}: {type(error).__name__}: {reason}", dtype, "path failed", 1.0, 0.0, False)
 
 
 def summarize(rows: list[Row]) -> list[dict]:
