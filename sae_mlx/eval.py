@@ -18,7 +18,8 @@ from sae_core.data import exclude_mask
 from sae_core.errors import UserError
 from sae_core.evaluation import CoderTotals, LossTotals, build_report, plan_evaluation, write_report
 
-from .activations import _get, _set, base_model, capture, load_model, resolve_device, resolve_dtype, to_numpy
+from .activations import (_get, _set, base_model, capture, has_mlx_lm, load_model, resolve_device, resolve_dtype,
+                          to_numpy)
 from .sparse_coder import SparseCoder
 
 
@@ -82,6 +83,9 @@ def evaluate(run: str | Path, *, model: str | None = None, dataset: str | None =
              dtype: str | None = None, text_column: str | None = None, progress: bool = True,
              write_json: bool = True) -> dict:
     """The MLX twin of `sae_torch.eval.evaluate` (same arguments, same report); the model runs in mlx-lm."""
+    if not has_mlx_lm():
+        raise UserError("`sae eval` on the MLX backend runs the model in mlx-lm: pip install mlx-lm "
+                        "(or evaluate with --backend torch)")
     plan = plan_evaluation(run, model=model, dataset=dataset, split=split, max_tokens=max_tokens,
                            batch_size=batch_size, text_column=text_column)
     with mx.stream(resolve_device(device or plan.cfg.device)):
