@@ -210,3 +210,34 @@ def test_one_latent_layout_per_selection_in_a_training_step(monkeypatch):
     for a, b in ((got_grads["encoder"]["weight"], ref_grads["encoder"]["weight"]),
                  (got_grads["W_dec"], ref_grads["W_dec"])):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-4, atol=1e-6)
+
+
+VARIANT_SETS = {
+    "topk-metal+gws-wide+gather-dot-blocked+scatter-segmented": {
+        "SAE_MLX_TOPK": "metal", sr.GWS_ENV: "wide", sr.GATHER_DOT_ENV: "blocked", sr.SCATTER_ENV: "segmented"},
+    "scatter-wide": {sr.SCATTER_ENV: "wide"},
+}
+VARIANT_KERNELS = {
+    "topk-metal+gws-wide+gather-dot-blocked+scatter-segmented": {
+        "sae_topk_rows", "sae_gather_weighted_sum_wide", "sae_gather_dot_blocked", "sae_scatter_segment_partial",
+        "sae_scatter_segment_reduce"},
+    "scatter-wide": {"sae_scatter_outer_wide", "sae_gather_weighted_sum", "sae_gather_dot"},
+}
+
+
+@harness_only
+@pytest.mark.parametrize("variants", list(VARIANT_SETS))
+def test_parity_suite_passes_with_the_variants(variants, monkeypatch):
+    """The whole parity suite's metal-harness path (every config, dead-mask and dtype case of `--quick`) with the
+    variants switched on: every output and gradient within its ceiling of the float64 oracle."""
+    from parity.suite import run_suite
+
+    for env, value in VARIANT_SETS[variants].items():
+        monkeypatch.setenv(env, value)
+    ran = set()
+    real_run_launch = H.run_launch
+    monkeypatch.setattr(H, "run_launch",
+                        lambda launch, **kw: ran.add(launch.spec.name) or real_run_launch(launch, **kw))
+    rows = run_suite(["metal-harness"], ("float32", "bfloat16"), quick=True)
+    assert rows and not [(r.quantity, r.case) for r in rows if not r.ok]
+    assert ran == VARIANT_KERNELS[variants]
