@@ -106,17 +106,26 @@ class CoderTotals:
         if self.fired is None:
             self.fired = np.zeros(self.num_latents, dtype=bool)
 
+    def add_sums(self, squared_error: float, target_sum: np.ndarray, target_square_sum: float, tokens: int,
+                 active: float, fired: np.ndarray) -> None:
+        """One batch, already reduced (a backend with float64 on its device sums there): sum of squared errors,
+        per-dimension sum of the targets [d_out], sum of their squares, token count, number of active
+        (token, latent) pairs, and the indices of the latents that fired."""
+        self.squared_error += float(squared_error)
+        self.target_sum = self.target_sum + np.asarray(target_sum, dtype=np.float64)
+        self.target_square_sum += float(target_square_sum)
+        self.tokens += int(tokens)
+        self.active += float(active)
+        self.fired[np.asarray(fired, dtype=np.int64)] = True
+
     def add_reconstruction(self, target: np.ndarray, reconstruction: np.ndarray, top_acts: np.ndarray,
                            top_indices: np.ndarray) -> None:
-        """One batch: target and reconstruction [n, d_out], the coder's top_acts / top_indices [n, k]."""
+        """One batch from host arrays (summed here in float64): target and reconstruction [n, d_out], the coder's
+        top_acts / top_indices [n, k]."""
         y = np.asarray(target, dtype=np.float64)
-        self.squared_error += float(np.square(y - np.asarray(reconstruction, dtype=np.float64)).sum())
-        self.target_sum = self.target_sum + y.sum(axis=0)
-        self.target_square_sum += float(np.square(y).sum())
-        self.tokens += y.shape[0]
         active = np.asarray(top_acts, dtype=np.float32) > 0
-        self.active += float(active.sum())
-        self.fired[np.asarray(top_indices)[active]] = True
+        self.add_sums(np.square(y - np.asarray(reconstruction, dtype=np.float64)).sum(), y.sum(axis=0),
+                      np.square(y).sum(), y.shape[0], active.sum(), np.asarray(top_indices)[active])
 
     def add_losses(self, ce_spliced: float, ce_zero: float, kl: float) -> None:
         """One batch: summed CE (spliced, zero-ablated) and summed KL over its predicted tokens."""

@@ -81,8 +81,11 @@ def evaluate(run: str | Path, *, model: str | None = None, dataset: str | None =
                 recon = sae.decode(enc.top_acts, enc.top_indices)
                 if sae.W_skip is not None:
                     recon = recon + x @ sae.W_skip.mT
-                totals[name].add_reconstruction(y.cpu().numpy(), recon.cpu().numpy(), enc.top_acts.cpu().numpy(),
-                                                enc.top_indices.cpu().numpy())
+                active = enc.top_acts > 0
+                y64 = y.double()
+                totals[name].add_sums(float((y64 - recon.double()).pow(2).sum()), y64.sum(0).cpu().numpy(),
+                                      float(y64.pow(2).sum()), y.shape[0], float(active.sum()),
+                                      enc.top_indices[active].unique().cpu().numpy())
 
                 def spliced(inp_, out_, sae=sae, tc=transcode[name]):
                     source = (inp_ if tc else out_).flatten(0, 1)[mask.flatten()].float()
