@@ -135,8 +135,8 @@ def compiler_missing() -> str | None:
     """None when :func:`compiler` can be run here, else why not (the parity suite's reason to skip the path)."""
     cxx = compiler()
     if shutil.which(cxx) is None:
-        return (f"needs a C++20 compiler to build the Metal source here ({cxx!r} not found; install g++ or "
-                f"clang++, or set CXX)")
+        install = "xcode-select --install" if sys.platform == "darwin" else "install g++ or clang++"
+        return f"needs a C++20 compiler to build the Metal source here ({cxx!r} not found; {install}, or set CXX)"
     return None
 
 
