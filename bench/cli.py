@@ -38,7 +38,8 @@ def parse_args(argv=None):
         description="Benchmark a TopK SAE training step (forward + backward + optimizer step, AuxK on with a dead "
                     "mask) of sae_torch against eai-sparsify on the same configs, data and device; kernel "
                     "micro-benchmarks; the MLX backend on the same configs. Writes results.json and results.md.")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available) [auto]")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, mps or auto (cuda when available, else mps on Apple silicon, else cpu) [auto]")
     p.add_argument("--d-in", type=_ints, default=None,
                    help="comma-separated d_in values [cpu: 576,768; cuda: 576,768,2048]")
     p.add_argument("--k", type=_ints, default=None, help="comma-separated k values [cuda: 32,128; cpu: 32]")
@@ -60,6 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--mlx-on", choices=["all", "first", "none"], default=None,
                    help="grid configs the MLX backend runs on [all with Metal; on Linux 'first' (the smallest): "
                         "there MLX runs its pure-MLX reference kernels on the CPU, about 100 s per step at d_in=768]")
+    p.add_argument("--mlx-variants", default="default",
+                   help="comma-separated kernel variants the MLX step is timed with, each 'default' or settings "
+                        "joined by '+': topk=argpartition|metal, gws=scalar|wide, gather_dot=lanes|blocked, "
+                        "scatter=serial|segmented|wide (the SAE_MLX_* variables of sae_mlx/kernels); e.g. "
+                        "default,topk=metal,scatter=segmented,topk=metal+gws=wide+gather_dot=blocked+scatter=wide "
+                        "on a Mac [default]")
     p.add_argument("--mlx-reps", type=int, default=None,
                    help="timed MLX steps [as --reps with Metal; on Linux 1, after no warm-up]")
     p.add_argument("--omp-wait-policy", default="PASSIVE",
@@ -94,11 +101,42 @@ def parse_args(argv=None):
 def resolve_device(arg: str) -> str:
     import torch
 
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if arg == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if arg.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
+    if arg == "mps" and not mps:
+        raise SystemExit("--device mps: torch sees no Metal (MPS) device (Apple silicon with macOS 12.3+ and an "
+                         "arm64 Python)")
     return arg
+
+
+# --mlx-variants keys -> the environment variables sae_mlx reads (sae_mlx/kernels/topk.py, sparse_rows.py)
+MLX_VARIANT_ENV = {"topk": ("SAE_MLX_TOPK", ("argpartition", "metal")),
+                   "gws": ("SAE_MLX_GWS", ("scalar", "wide")),
+                   "gather_dot": ("SAE_MLX_GATHER_DOT", ("lanes", "blocked")),
+                   "scatter": ("SAE_MLX_SCATTER", ("serial", "segmented", "wide"))}
+
+
+def parse_mlx_variants(text: str) -> dict[str, dict[str, str]]:
+    """{variant name: environment} from --mlx-variants; 'default' sets every variable to its default."""
+    variants = {}
+    for name in (v.strip() for v in text.split(",")):
+        if not name:
+            continue
+        env = {var: choices[0] for var, choices in MLX_VARIANT_ENV.values()}
+        if name != "default":
+            for setting in name.split("+"):
+                key, _, value = setting.partition("=")
+                if key not in MLX_VARIANT_ENV or value not in MLX_VARIANT_ENV[key][1]:
+                    choices = "; ".join(f"{k}={'|'.join(c)}" for k, (_, c) in MLX_VARIANT_ENV.items())
+                    raise SystemExit(f"--mlx-variants: unknown setting {setting!r}; choose from {choices}")
+                env[MLX_VARIANT_ENV[key][0]] = value
+        variants[name] = env
+    if not variants:
+        raise SystemExit("--mlx-variants: give at least one variant (e.g. default)")
+    return variants
 
 
 def find_openblas(arg: str) -> str | None:
@@ -177,7 +215,11 @@ def main(argv=None) -> int:
     results = {"environment": describe_environment(device), "settings": {
         "warmup": warmup, "reps": reps, "sides": sides, "quick": a.quick, "argv": sys.argv[1:] if argv is None
         else list(argv), "worker_env": dict(WORKER_ENV)}, "notes": notes, "configs": [], "kernels": None, "memory_auxk_off": []}
-    if not cuda:
+    if device == "mps":
+        notes.append("Apple silicon: the torch sides (ours and sparsify) run on MPS in fp32 (no autocast), as the "
+                     "MLX side does on Metal; peak memory is not measured on MPS (unified memory: torch.mps has no "
+                     "peak counter), so the memory workers are skipped.")
+    elif not cuda:
         notes.append("GPU numbers are not measured yet: this run is on CPU. On a CUDA machine the same command "
                      "runs the full grid with Triton kernels, bf16 autocast, CUDA-event timing and "
                      "torch.cuda.max_memory_allocated.")
@@ -203,25 +245,33 @@ def main(argv=None) -> int:
             if blas:
                 mlx_env = {"LD_PRELOAD": blas}
 
+    no_memory = a.no_memory or device == "mps"
+    mlx_variants = parse_mlx_variants(a.mlx_variants)
     for cfg in grid:
         entry = {"config": cfg.to_dict()}
         log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
         entry["time"] = run_worker("time", {**common, "config": cfg.to_dict(), "sides": sides, "warmup": warmup,
                                             "reps": reps}, a.timeout)
-        if not a.no_memory:
+        if not no_memory:
             entry["memory"] = {}
             for s in sides:
                 log(f"{cfg.name}: peak memory of {s} (fresh process)")
                 entry["memory"][s] = run_worker("memory", {**common, "config": cfg.to_dict(), "side": s}, a.timeout)
         if mlx_run and (mlx_on == "all" or cfg is grid[0]):
-            log(f"{cfg.name}: MLX backend ({mlx_warmup} warm-up + {mlx_reps} timed steps)")
-            entry["mlx"] = run_worker("mlx", {"config": cfg.to_dict(), "warmup": mlx_warmup, "reps": mlx_reps},
-                                      a.timeout, mlx_env)
+            for i, (variant, variant_env) in enumerate(mlx_variants.items()):
+                # entry["mlx"]: the first variant; the others beside it, by name
+                log(f"{cfg.name}: MLX backend, kernels {variant} ({mlx_warmup} warm-up + {mlx_reps} timed steps)")
+                result = run_worker("mlx", {"config": cfg.to_dict(), "warmup": mlx_warmup, "reps": mlx_reps},
+                                    a.timeout, {**mlx_env, **variant_env})
+                if i == 0:
+                    entry["mlx"] = result
+                else:
+                    entry.setdefault("mlx_variants", {})[variant] = result
         results["configs"].append(entry)
         _write(results, out_dir)
 
     # AuxK off vs on, peak memory (one config): shows what the step keeps alive with and without AuxK
-    if not a.no_memory and not a.no_auxk_off:
+    if not no_memory and not a.no_auxk_off:
         base = _pick_target(grid)
         off = BenchConfig(d_in=base.d_in, k=base.k, n_tokens=base.n_tokens, expansion=base.expansion, dead_frac=0.0)
         for s in sides:
@@ -269,6 +319,9 @@ def _failures(results: dict) -> list[str]:
                 bad.append(f"{name} memory {s}: {m.get('error')}")
         if e.get("mlx") is not None and not e["mlx"].get("ok"):
             bad.append(f"{name} mlx: {e['mlx'].get('error')}")
+        for variant, result in (e.get("mlx_variants") or {}).items():
+            if not result.get("ok"):
+                bad.append(f"{name} mlx ({variant}): {result.get('error')}")
     for m in results["memory_auxk_off"]:
         if not m["memory"].get("ok"):
             bad.append(f"{m['config']['name']} memory {m['side']}: {m['memory'].get('error')}")

@@ -115,6 +115,8 @@ def describe_environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
+    if device == "mps":
+        env["gpu"] = f"Apple silicon GPU (MPS), macOS {platform.mac_ver()[0]}"
     return env
 
 
@@ -267,10 +269,13 @@ def train_step(sae, opt, x, dead_mask, device: str, marks: dict | None = None):
 
 
 class Timer:
-    """Wall time on CPU (perf_counter); CUDA events on GPU (synchronised at the end of each measurement)."""
+    """Wall time on CPU (perf_counter); CUDA events on GPU (synchronised at the end of each measurement); on MPS
+    wall time between two `torch.mps.synchronize()` (MPS has events, but a synchronised wall time is what a step
+    costs)."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
+        self.mps = device == "mps"
 
     def __call__(self, fn):
         if self.cuda:
@@ -282,6 +287,14 @@ class Timer:
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1e3
+        if self.mps:
+            import torch
+
+            torch.mps.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.mps.synchronize()
+            return time.perf_counter() - t0
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0

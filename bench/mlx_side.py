@@ -24,6 +24,8 @@ def run_mlx(args) -> dict:
     except Exception as e:  # the backend is being written: report, do not fail the run
         return {"skipped": f"sae_mlx does not import: {type(e).__name__}: {e}"}
     from sae_core.config import SparseCoderConfig
+    from sae_mlx.kernels.sparse_rows import GATHER_DOT_ENV, GWS_ENV, SCATTER_ENV, kernel_variant, use_metal
+    from sae_mlx.kernels.topk import use_metal_topk
 
     cfg = BenchConfig.from_dict(args["config"])
     x_t, dead_t = make_data(cfg, "cpu")
@@ -74,6 +76,10 @@ def run_mlx(args) -> dict:
         "blas_short": ("Metal" if getattr(mx, "metal", None) and mx.metal.is_available() else
                        "CPU, OpenBLAS preloaded" if "openblas" in os.environ.get("LD_PRELOAD", "") else "CPU"),
         "mlx_device": str(mx.default_device()),
+        # what ran: the variants apply to the Metal kernels; without Metal the references run
+        "kernels": ({"topk": "metal" if use_metal_topk() else "argpartition",
+                     **{env: kernel_variant(env) for env in (GWS_ENV, GATHER_DOT_ENV, SCATTER_ENV)}}
+                    if use_metal() else "pure-MLX references (no Metal)"),
         "metal": bool(getattr(mx, "metal", None) and mx.metal.is_available()),
         "params": len(tree_flatten(sae.parameters())),
     }

@@ -99,19 +99,22 @@ def markdown(results: dict, target: dict) -> str:
             if c["d_in"] == target["d_in"] and c["k"] == target["k"]:
                 target_rows[sd] = (speed, mem_r, rss_r)
         mx = e.get("mlx")
-        if mx is not None:
-            if mx.get("ok") and "time" in mx:
-                v = mx["time"]["median_s"]
-                n = len(mx["time"]["times_s"])
-                L.append(f"| {cname} | {SIDE_LABELS['mlx']} (own process, {mx.get('warmup', '?')} warm-up + {n} "
-                         f"step{'s' if n > 1 else ''}; {mx.get('blas_short', '')}) | {v:.3f} | "
+        variants = [("", mx)] + [(f", kernels {name}" + ("" if isinstance(r.get("kernels"), dict) else
+                                                          f" asked, {r.get('kernels')} ran"), r)
+                                 for name, r in (e.get("mlx_variants") or {}).items()]
+        for how, mx_run in variants if mx is not None else []:
+            if mx_run.get("ok") and "time" in mx_run:
+                v = mx_run["time"]["median_s"]
+                n = len(mx_run["time"]["times_s"])
+                L.append(f"| {cname} | {SIDE_LABELS['mlx']}{how} (own process, {mx_run.get('warmup', '?')} warm-up "
+                         f"+ {n} step{'s' if n > 1 else ''}; {mx_run.get('blas_short', '')}) | {v:.3f} | "
                          f"{c['n_tokens'] / v:,.0f} | {_fmt(_ratio(sp_t, v))} | "
-                         f"{_fmt(_mb(mx['memory']['peak_bytes']), '.0f')} (MLX allocator) | "
-                         f"{_fmt(_ratio(mx['memory']['peak_bytes'], sp_m.get('tensor')))} | "
+                         f"{_fmt(_mb(mx_run['memory']['peak_bytes']), '.0f')} (MLX allocator) | "
+                         f"{_fmt(_ratio(mx_run['memory']['peak_bytes'], sp_m.get('tensor')))} | "
                          + ("" if cuda else "n/a | n/a | n/a | ") + f"{_fmt(_ratio(v, gemm), '.1f')} |")
             else:
-                why = mx.get("skipped") or mx.get("error")
-                L.append(f"| {cname} | {SIDE_LABELS['mlx']} | skipped: {why} |")
+                why = mx_run.get("skipped") or mx_run.get("error")
+                L.append(f"| {cname} | {SIDE_LABELS['mlx']}{how} | skipped: {why} |")
         losses = ", ".join(f"{sd} {v['losses'][0]:.6g}" for sd, v in sides.items() if v.get("losses"))
         if mx is not None and mx.get("losses"):
             losses += f", mlx {mx['losses'][0]:.6g}"

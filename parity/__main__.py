@@ -76,8 +76,11 @@ def run(args) -> int:
     kernels: dict[str, list[str]] = {}
     rows = run_suite(in_process, dtypes, args.quick, args.seed, progress=progress, kernels=kernels)
     if triton_in_child:
-        child_rows, kernels["torch-triton"] = _child_rows("torch-triton", args)
-        rows += child_rows
+        try:
+            child_rows, kernels["torch-triton"] = _child_rows("torch-triton", args)
+            rows += child_rows
+        except RuntimeError as error:  # reported as a failed path; the other paths' rows still print
+            rows.append(Row("torch-triton", str(error).splitlines()[0], "all", "path failed", 1.0, 0.0, False))
     if not args.no_step:
         rows += _step_rows(paths, progress)
     if args.training:

@@ -12,7 +12,6 @@ import contextlib
 import importlib.util
 import inspect
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,12 +86,12 @@ def available_paths() -> dict[str, str | None]:
     reasons["mlx-compiled"] = None if _has("mlx") else "mlx is not installed"
     if not _has("mlx"):
         reasons["metal-harness"] = "mlx is not installed"
-    elif shutil.which(os.environ.get("CXX", "g++")) is None:
-        reasons["metal-harness"] = "needs g++ to compile the Metal source on Linux"
     elif not _has("parity.metal_harness"):
         reasons["metal-harness"] = "parity.metal_harness is missing"
     else:
-        reasons["metal-harness"] = None
+        from .metal_harness import compiler_missing
+
+        reasons["metal-harness"] = compiler_missing()
     return reasons
 
 
@@ -222,7 +221,11 @@ def run_suite(paths: list[str], dtypes=("float32", "bfloat16"), quick=False, see
                     for case in cases:
                         if progress:
                             progress(path, case.name, dtype)
-                        case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
+                        try:
+                            case_rows, outputs = check_case(path, case, dtype, folders[case.name], coder_cls)
+                        except Exception as error:  # a path that cannot run is a failed row; the others still run
+                            rows.append(failed_path_row(path, case, dtype, error))
+                            break
                         rows += case_rows
                         if dtype == "float32":
                             fp32_outputs[path, case.name] = outputs
@@ -235,6 +238,14 @@ def run_suite(paths: list[str], dtypes=("float32", "bfloat16"), quick=False, see
                 rows += cross_check(path, reference, case, fp32_outputs[path, case.name],
                                     fp32_outputs[reference, case.name])
     return rows
+
+
+def failed_path_row(path: str, case: Case, dtype: str, error: BaseException) -> Row:
+    """The row of a path that raised (e.g. the Metal harness's compiler refused the source): quantity "path
+    failed", the case it failed on and the first line of the error, so the table says why."""
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    # error 1 over ceiling 0, as a failed exact check: finite, so --json and report files stay strict JSON
+    return Row(path, f"{case.name}: {type(error).__name__}: {reason}", dtype, "path failed", 1.0, 0.0, False)
 
 
 def summarize(rows: list[Row]) -> list[dict]:

@@ -42,14 +42,18 @@ import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, write_config
+from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, load_safetensors_numpy, validate_checkpoint,
+                                 write_config)
 from sae_core.config import SparseCoderConfig
 from sae_core.hub import coder_folders, hub_coder_folder
 
 from .kernels.row_subset import subset_decode
+from .kernels import sparse_rows
 from .kernels.sparse_rows import sparse_decode, sparse_encode
+from .kernels.topk import topk_indices
 
-_MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float64}
+# F64 loads as float32: the Metal GPU has no float64 (every GPU op on it raises) and `mx.load` refuses F64 files.
+_MLX_DTYPES = {"F32": mx.float32, "BF16": mx.bfloat16, "F16": mx.float16, "F64": mx.float32}
 
 # A dense [rows, M] array (pre-activations, the selection's sort keys) stays below this many elements: MLX
 # indexes elements with int32 in places. Read at call time, so a test can lower it.
@@ -80,8 +84,9 @@ def row_chunks(num_rows: int, num_latents: int) -> list[tuple[int, int]]:
 
 
 def _topk_indices(values: mx.array, k: int) -> mx.array:
-    """Indices of the k largest entries of each row, in no particular order (int32)."""
-    return mx.argpartition(-values, kth=k - 1, axis=-1)[..., :k].astype(mx.int32)
+    """Indices of the k largest entries of each row, in no particular order (int32): `mx.argpartition`, or the
+    Metal radix select with SAE_MLX_TOPK=metal (see sae_mlx/kernels/topk.py)."""
+    return topk_indices(values, k)
 
 
 def _count_dead(dead_mask: mx.array) -> int | None:
@@ -191,15 +196,16 @@ class SparseCoder(nn.Module):
         return (x - mx.stop_gradient(self.b_dec),
                 self.encoder.bias - mx.stop_gradient(self.encoder.weight) @ self.b_dec)
 
-    def acts_at(self, x_in: mx.array, bias: mx.array, indices: mx.array, chosen: mx.array) -> mx.array:
+    def acts_at(self, x_in: mx.array, bias: mx.array, indices: mx.array, chosen: mx.array,
+                csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
         """relu(pre-activation) of the chosen latents, with a sparse vjp that reaches the encoder.
 
         `chosen` holds the values gathered from the dense pre-activations (`gather_chosen`); `sparse_encode` only
         supplies the gradient path (chosen - bias + bias is exact where the latent fires, and 0 where it does
-        not). (x_in, bias) come from `sparse_encoder_inputs`."""
+        not). (x_in, bias) come from `sparse_encoder_inputs`; `csr` from `_latent_csr`."""
         bias = bias[indices]
         values = chosen.astype(bias.dtype) - mx.stop_gradient(bias)
-        return nn.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values) + bias)
+        return nn.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values, csr=csr) + bias)
 
     @staticmethod
     def gather_chosen(pre_acts: mx.array, indices: mx.array) -> mx.array:
@@ -222,9 +228,15 @@ class SparseCoder(nn.Module):
         return EncoderOutput(self.acts_at(x_in, bias, top_indices, self.gather_chosen(pre_acts, top_indices)),
                              top_indices, pre_acts)
 
-    def decode(self, top_acts: mx.array, top_indices: mx.array) -> mx.array:
+    def decode(self, top_acts: mx.array, top_indices: mx.array,
+               csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
         assert self.W_dec is not None, "this coder was loaded with decoder=False"
-        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+        return sparse_decode(top_acts, top_indices, self.W_dec, csr=csr) + self.b_dec
+
+    def _latent_csr(self, indices: mx.array) -> tuple[mx.array, mx.array] | None:
+        """The latent-sorted layout of a selection, built once for the encoder and decoder weight gradients
+        (both scatter by the same indices), when the Metal kernels run; the reference path needs none."""
+        return sparse_rows.latent_csr(indices, self.num_latents) if sparse_rows.use_metal() else None
 
     def __call__(self, x: mx.array, y: mx.array | None = None, *,
                  dead_mask: mx.array | None = None) -> ForwardOutput:
@@ -252,8 +264,9 @@ class SparseCoder(nn.Module):
         top_indices, top_values = _cat_pairs(top)
 
         skip = x.astype(self.W_skip.dtype) @ self.W_skip.T if self.W_skip is not None else 0
-        top_acts = self.acts_at(x_in, bias, top_indices, top_values)
-        sae_out = self.decode(top_acts, top_indices) + skip
+        csr = self._latent_csr(top_indices)
+        top_acts = self.acts_at(x_in, bias, top_indices, top_values, csr)
+        sae_out = self.decode(top_acts, top_indices, csr) + skip
         e = y - sae_out
         y32 = y.astype(mx.float32)
         total_variance = mx.square(y32 - y32.mean(axis=0)).sum()
@@ -262,16 +275,19 @@ class SparseCoder(nn.Module):
         auxk_loss = multi_topk_fvu = mx.zeros((), dtype=mx.float32)
         if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
             aux_indices, aux_values = _cat_pairs(aux)
-            aux_acts = mx.where(dead_mask[aux_indices], self.acts_at(x_in, bias, aux_indices, aux_values), 0)
-            e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec)
+            aux_csr = self._latent_csr(aux_indices)
+            aux_acts = mx.where(dead_mask[aux_indices], self.acts_at(x_in, bias, aux_indices, aux_values, aux_csr),
+                                0)
+            e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec, csr=aux_csr)
             auxk_loss = self.auxk_loss(e, e_hat, dead_mask.sum(), total_variance)
         elif need_aux:
             e_hat = self.aux_reconstruction(x_in, bias, _cat(aux), dead)
             auxk_loss = self.auxk_loss(e, e_hat, num_dead, total_variance)
         if self.cfg.multi_topk:
             multi_indices, multi_values = _cat_pairs(multi)
-            multi_acts = self.acts_at(x_in, bias, multi_indices, multi_values)
-            multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
+            multi_csr = self._latent_csr(multi_indices)
+            multi_acts = self.acts_at(x_in, bias, multi_indices, multi_values, multi_csr)
+            multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance, multi_csr)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
     def aux_reconstruction(self, x_in: mx.array, bias: mx.array, dead_pre: mx.array, dead: mx.array) -> mx.array:
@@ -284,7 +300,8 @@ class SparseCoder(nn.Module):
             dense_acts = mx.put_along_axis(mx.zeros_like(dead_pre), slots, chosen, axis=-1)
             return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
         indices = dead[slots]
-        return sparse_decode(self.acts_at(x_in, bias, indices, chosen), indices, self.W_dec)
+        csr = self._latent_csr(indices)
+        return sparse_decode(self.acts_at(x_in, bias, indices, chosen, csr), indices, self.W_dec, csr=csr)
 
     def auxk_loss(self, e: mx.array, e_hat: mx.array, num_dead: int | mx.array, total_variance: mx.array) -> mx.array:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
@@ -301,8 +318,8 @@ class SparseCoder(nn.Module):
             / total_variance
 
     def multi_topk_fvu(self, y: mx.array, multi_acts: mx.array, multi_indices: mx.array, skip,
-                       total_variance: mx.array) -> mx.array:
-        multi_out = self.decode(multi_acts, multi_indices) + skip
+                       total_variance: mx.array, csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        multi_out = self.decode(multi_acts, multi_indices, csr) + skip
         return mx.square((multi_out - y).astype(mx.float32)).sum() / total_variance
 
     forward = __call__
@@ -343,12 +360,18 @@ class SparseCoder(nn.Module):
 
     @classmethod
     def load_from_disk(cls, path: str | Path, *, decoder: bool = True, dtype: mx.Dtype | None = None) -> "SparseCoder":
-        """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given. With `decoder=False`
+        """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given (float64 files load as
+        float32, which Metal supports). With `decoder=False`
         `W_dec` is not loaded (`b_dec` is: an autoencoder's encoder input is x - b_dec)."""
         path = Path(path)
         cfg, d_in, d_out, header = validate_checkpoint(path)
         file_dtype = _MLX_DTYPES[header["encoder.weight"]["dtype"]]
-        state = mx.load(str(path / WEIGHTS_FILE))
+        if any(entry.get("dtype") == "F64" for entry in header.values() if isinstance(entry, dict)):
+            # through NumPy, cast to float32 on the host (see _MLX_DTYPES)
+            arrays, _ = load_safetensors_numpy(path / WEIGHTS_FILE)
+            state = {name: mx.array(a.astype(np.float32) if a.dtype == np.float64 else a) for name, a in arrays.items()}
+        else:
+            state = mx.load(str(path / WEIGHTS_FILE))
         for name, tensor in state.items():
             check_finite(path, name, bool(mx.isfinite(tensor).all()))
         if not decoder:

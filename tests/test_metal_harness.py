@@ -6,7 +6,6 @@ and divergent barriers / SIMD operations (toy kernels)."""
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import ml_dtypes
@@ -17,10 +16,10 @@ mx = pytest.importorskip("mlx.core")
 if not sys.platform.startswith("linux"):  # pragma: no cover
     pytest.skip("the Metal harness targets Linux (on a Mac, test_mlx_kernels.py runs the real kernels)",
                 allow_module_level=True)
-if shutil.which("g++") is None:  # pragma: no cover - the CI image has g++
-    pytest.skip("the Metal harness needs g++", allow_module_level=True)
-
 from parity.metal_harness import harness as H  # noqa: E402
+
+if H.compiler_missing():  # pragma: no cover - the CI image has g++ and clang++
+    pytest.skip(H.compiler_missing(), allow_module_level=True)
 from sae_mlx.kernels import sparse_rows as sr  # noqa: E402
 
 F32, BF16, F16 = mx.float32, mx.bfloat16, mx.float16

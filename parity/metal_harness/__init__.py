@@ -1,5 +1,5 @@
 """Linux harness for the Metal kernels of sae_mlx: captures the source MLX generates, checks its signature,
-compiles it with g++ behind ``shim.h`` and runs it on NumPy buffers. See :mod:`parity.metal_harness.harness`."""
+compiles it with g++ or clang++ behind ``shim.h`` and runs it on NumPy buffers. See :mod:`parity.metal_harness.harness`."""
 
 from .harness import (
     HarnessError,
@@ -7,6 +7,9 @@ from .harness import (
     SignatureMismatch,
     cache_dir,
     capture_source,
+    compiler,
+    compiler_command,
+    compiler_missing,
     capture_sources,
     check_signature,
     compile_kernel,
@@ -23,6 +26,9 @@ __all__ = [
     "SignatureMismatch",
     "cache_dir",
     "capture_source",
+    "compiler",
+    "compiler_command",
+    "compiler_missing",
     "capture_sources",
     "check_signature",
     "compile_kernel",

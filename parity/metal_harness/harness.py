@@ -18,7 +18,8 @@ Pipeline for one :class:`sae_mlx.kernels.sparse_rows.MetalLaunch` (the object th
 3. **Compile.** A generated C++ driver includes ``shim.h`` (address-space words defined away, ``uint3``,
    ``half``, a ``bfloat16_t`` with round-to-nearest-even, ``metal::simd_sum``, ``metal::threadgroup_barrier``),
    then the captured source verbatim, then a function that calls the kernel with the buffers and the attribute
-   values of one thread. ``g++ -std=c++20 -O1 -Wno-attributes`` builds a shared library, cached by a hash of the
+   values of one thread. ``g++`` or ``clang++`` (:func:`compiler`; ``-std=c++20 -O1 -Wno-attributes``) builds a
+   shared library from the source minus MLX's explicit instantiation line, cached by a hash of the
    driver and the shim under ``$SAE_METAL_HARNESS_CACHE`` or ``<tmp>/sae-metal-harness-<uid>``, behind file locks
    (safe for pytest-xdist workers).
 4. **Run.** Through ctypes, over the launch's grid with MLX's dispatch semantics (``dispatchThreads``: threadgroup
@@ -58,11 +59,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import mmap
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -83,6 +87,9 @@ __all__ = [
     "Param",
     "ParsedKernel",
     "cache_dir",
+    "compiler",
+    "compiler_command",
+    "compiler_missing",
     "capture_source",
     "capture_sources",
     "parse_kernel_source",
@@ -94,9 +101,8 @@ __all__ = [
     "kernels_through_harness",
 ]
 
-HARNESS_VERSION = "1"
+HARNESS_VERSION = "2"
 SHIM_PATH = Path(__file__).with_name("shim.h")
-CXX = os.environ.get("CXX", "g++")
 CXXFLAGS = (
     "-std=c++20",
     "-O1",
@@ -108,6 +114,46 @@ CXXFLAGS = (
     "-U_FORTIFY_SOURCE",
     "-D_FORTIFY_SOURCE=0",
 )
+# clang only: macOS marks the ucontext routines deprecated (they work; the fibers need them)
+CLANG_FLAGS = ("-Wno-deprecated-declarations",)
+# Extra flags for the harness build, split like a shell would (the CI's clang job uses it for macOS-like defines).
+EXTRA_FLAGS_ENV = "SAE_METAL_HARNESS_CXXFLAGS"
+
+
+def compiler() -> str:
+    """The C++ compiler the harness builds with: ``$CXX`` if set; else ``clang++`` on macOS (where ``g++`` is
+    Apple clang under another name anyway), ``g++`` elsewhere, or ``clang++`` when there is no ``g++``."""
+    chosen = os.environ.get("CXX")
+    if chosen:
+        return chosen
+    if sys.platform == "darwin":
+        return "clang++"
+    return "g++" if shutil.which("g++") or not shutil.which("clang++") else "clang++"
+
+
+def compiler_missing() -> str | None:
+    """None when :func:`compiler` can be run here, else why not (the parity suite's reason to skip the path)."""
+    cxx = compiler()
+    if shutil.which(cxx) is None:
+        install = "xcode-select --install" if sys.platform == "darwin" else "install g++ or clang++"
+        return f"needs a C++20 compiler to build the Metal source here ({cxx!r} not found; {install}, or set CXX)"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _is_clang(cxx: str) -> bool:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "clang" in out.lower()
+
+
+def compiler_command() -> list[str]:
+    """Compiler and flags (without input and output files) for one harness build."""
+    cxx = compiler()
+    flags = list(CXXFLAGS) + (list(CLANG_FLAGS) if _is_clang(cxx) else [])
+    return [cxx, *flags, *shlex.split(os.environ.get(EXTRA_FLAGS_ENV, ""))]
 MAX_THREADS_PER_THREADGROUP = 1024
 
 # MLX's table of Metal attributes (mlx/backend/metal/custom_kernel.cpp), in its order: an attribute becomes a
@@ -553,7 +599,18 @@ def _is_cooperative(parsed: ParsedKernel) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _without_instantiation(source: str) -> str:
+    """``source`` minus MLX's explicit instantiation line (``template [[host_name(..)]] [[kernel]] decltype(..)
+    name<..>;``): clang rejects attributes there ("an attribute list cannot appear here"; g++ only warns), and
+    the driver's call of ``name<args>`` instantiates the same specialisation anyway."""
+    stripped, count = _INST_RE.subn("\n", source)
+    if count > 1:
+        raise SignatureMismatch(f"expected at most one explicit instantiation in the generated source, found {count}")
+    return stripped
+
+
 def _driver_source(parsed: ParsedKernel, source: str) -> str:
+    source = _without_instantiation(source)
     args = []
     for p in parsed.params:
         i = p.buffer_index
@@ -596,7 +653,8 @@ def compile_kernel(parsed: ParsedKernel, source: str) -> Path:
     """Compile the driver for ``source`` into a cached shared library; return its path."""
     driver = _driver_source(parsed, source)
     shim = SHIM_PATH.read_text()
-    key = _sha(driver, shim, CXX, " ".join(CXXFLAGS), HARNESS_VERSION)
+    command = compiler_command()
+    key = _sha(driver, shim, " ".join(command), HARNESS_VERSION)
     lib_dir = cache_dir() / "lib"
     lib_dir.mkdir(exist_ok=True)
     lib = lib_dir / f"{key}.so"
@@ -608,15 +666,15 @@ def compile_kernel(parsed: ParsedKernel, source: str) -> Path:
         cpp = lib_dir / f"{key}.cpp"
         _atomic_write(cpp, driver)
         tmp = lib_dir / f".{key}.{os.getpid()}.so"
-        cmd = [CXX, *CXXFLAGS, "-I", str(SHIM_PATH.parent), "-o", str(tmp), str(cpp)]
+        cmd = [*command, "-I", str(SHIM_PATH.parent), "-o", str(tmp), str(cpp)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except FileNotFoundError as e:
-            raise HarnessError(f"the Metal harness needs a C++20 compiler ({CXX!r} not found; set CXX)") from e
+            raise HarnessError(f"the Metal harness needs a C++20 compiler ({command[0]!r} not found; set CXX)") from e
         if proc.returncode != 0:
             raise HarnessError(
-                f"g++ could not compile the MLX-generated kernel behind shim.h ({cpp}); the kernel probably uses "
-                f"MSL that shim.h does not provide:\n{proc.stderr[-6000:]}"
+                f"{command[0]} could not compile the MLX-generated kernel behind shim.h ({cpp}); the kernel probably "
+                f"uses MSL that shim.h does not provide:\n{proc.stderr[-6000:]}"
             )
         os.replace(tmp, lib)
     return lib

@@ -6,13 +6,27 @@
 //     kernels that declare threadgroup memory, so `threadgroup` never silently becomes per-thread memory);
 //   * `uint`, `uint3`, `half` / `float16_t` (_Float16), `bfloat16_t` (a 2-byte struct: fp32 -> bf16 rounds to
 //     nearest even, NaN stays NaN; bf16 -> fp32 is exact);
-//   * `metal::simd_sum`, `metal::threadgroup_barrier`, `metal::mem_flags`;
+//   * `metal::simd_sum`, `metal::simd_prefix_exclusive_sum`, `metal::as_type`, `metal::threadgroup_barrier`,
+//     `metal::mem_flags`;
 //   * the launch runtime: threads of a threadgroup are run one after another, or, for kernels that use
 //     barriers or SIMD-group functions, as cooperative fibers (ucontext) on one OS thread that switch at every
 //     barrier / SIMD operation. Out-of-bounds accesses that hit a guard page and misuse of barriers / SIMD
 //     operations abort the launch with an error instead of crashing or hanging.
 // Not provided: atomics, threadgroup memory, metal:: math, vector types other than uint3, textures.
+//
+// Compilers: g++ and clang++ (Linux), Apple clang (macOS). macOS's <ucontext.h> stops with an #error unless
+// _XOPEN_SOURCE is defined before the first system header (the ucontext_t layout depends on it), so it is defined
+// here, first; _DARWIN_C_SOURCE keeps the rest of the BSD/Darwin API (sigaltstack, SA_ONSTACK) visible.
 #pragma once
+
+#if defined(__APPLE__)
+#ifndef _XOPEN_SOURCE
+#define _XOPEN_SOURCE 700
+#endif
+#ifndef _DARWIN_C_SOURCE
+#define _DARWIN_C_SOURCE
+#endif
+#endif
 
 #include <cstdarg>
 #include <csetjmp>
@@ -36,8 +50,64 @@ struct uint3 {
   uint x, y, z;
 };
 
+#if defined(__FLT16_MAX__)  // the compiler has _Float16 (g++ >= 12 on x86-64, clang on arm64, clang >= 15)
 typedef _Float16 half;
-typedef _Float16 float16_t;
+#else
+// clang++ < 15 on x86-64 has no _Float16, and its __fp16 needs compiler-rt's conversion routines at link time:
+// a 2-byte struct with IEEE binary16 conversions (fp32 -> fp16 rounds to nearest even; fp16 -> fp32 is exact).
+// Our kernels only convert half to and from float, which is all this provides.
+struct half {
+  uint16_t bits;
+
+  half() = default;
+  half(float f) : bits(from_float(f)) {}
+  template <class T, class = std::enable_if_t<std::is_arithmetic_v<T> && !std::is_same_v<T, float>>>
+  half(T v) : bits(from_float(static_cast<float>(v))) {}
+
+  operator float() const {
+    const uint32_t sign = uint32_t(bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu, mantissa = bits & 0x3ffu;
+    uint32_t u;
+    if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
+      float f = float(mantissa) * 5.9604644775390625e-8f;
+      std::memcpy(&u, &f, sizeof u);
+      u |= sign;
+    } else if (exponent == 31) {
+      u = sign | 0x7f800000u | (mantissa << 13);
+    } else {
+      u = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+
+  static uint16_t from_float(float value) {
+    uint32_t f;
+    std::memcpy(&f, &value, sizeof f);
+    const uint32_t sign = f & 0x80000000u;
+    f ^= sign;
+    uint32_t out;
+    if (f >= (143u << 23)) {  // >= 65536 (rounds to inf), inf or NaN
+      out = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+    } else if (f < (113u << 23)) {  // below the smallest normal fp16: let an fp32 add do the rounding
+      const uint32_t magic_bits = 126u << 23;  // 0.5: aligns the fp16 subnormal unit with fp32's last bit
+      float magic, sum, x;
+      std::memcpy(&magic, &magic_bits, sizeof magic);
+      std::memcpy(&x, &f, sizeof x);
+      sum = x + magic;
+      std::memcpy(&out, &sum, sizeof out);
+      out -= magic_bits;
+    } else {
+      const uint32_t odd = (f >> 13) & 1u;  // round to nearest, ties to even
+      f += (uint32_t(15 - 127) << 23) + 0xfffu + odd;
+      out = f >> 13;
+    }
+    return uint16_t(out | (sign >> 16));
+  }
+};
+static_assert(sizeof(half) == 2 && std::is_trivially_copyable_v<half>, "half must be 2 raw bytes");
+#endif
+typedef half float16_t;
 
 struct bfloat16_t {
   uint16_t bits;
@@ -83,7 +153,7 @@ constexpr int kSimdWidth = 32;  // Apple GPUs execute 32-wide SIMD groups
 constexpr size_t kFiberStack = 128 * 1024;
 
 enum State { kRunnable, kWaitSimd, kWaitGroup, kFinished };
-enum Op { kOpNone, kOpSimdSum };
+enum Op { kOpNone, kOpSimdSum, kOpSimdPrefixExclusiveSum };
 
 struct Fiber {
   ucontext_t ctx;
@@ -164,17 +234,23 @@ inline void wait_for(int state, int op, const char* what) {
   swapcontext(&f.ctx, &r.scheduler);
 }
 
+// Hands x to the scheduler and parks until every active lane of the SIMD group has reached the same SIMD
+// operation; returns the group's snapshot (each active lane's value) for the caller to reduce.
 template <class T>
-inline T simd_reduce_sum(T x) {
-  static_assert(std::is_arithmetic_v<T> && sizeof(T) <= 8, "simd_sum: scalar arithmetic types only");
+inline const SimdSnapshot& simd_exchange(T x, int op, const char* what) {
+  static_assert(std::is_arithmetic_v<T> && sizeof(T) <= 8, "simd_ operations: scalar arithmetic types only");
   Runtime& r = rt();
   int me = r.current;
-  if (!r.cooperative) wait_for(kWaitSimd, kOpSimdSum, "simd_sum");  // fails: thread-by-thread mode
+  if (!r.cooperative) wait_for(kWaitSimd, op, what);  // fails: thread-by-thread mode
   std::memcpy(r.fibers[me].slot, &x, sizeof(T));
-  wait_for(kWaitSimd, kOpSimdSum, "simd_sum");
-  const SimdSnapshot& s = r.snaps[me / kSimdWidth];
+  wait_for(kWaitSimd, op, what);
+  return r.snaps[me / kSimdWidth];
+}
+
+template <class T>
+inline T simd_lane_sum(const SimdSnapshot& s, int lanes) {
   T acc = T(0);
-  for (int lane = 0; lane < kSimdWidth; ++lane) {
+  for (int lane = 0; lane < lanes; ++lane) {
     if (s.active[lane]) {
       T v;
       std::memcpy(&v, s.bytes[lane], sizeof(T));
@@ -182,6 +258,18 @@ inline T simd_reduce_sum(T x) {
     }
   }
   return acc;
+}
+
+template <class T>
+inline T simd_reduce_sum(T x) {
+  return simd_lane_sum<T>(simd_exchange(x, kOpSimdSum, "simd_sum"), kSimdWidth);
+}
+
+// The sum over the active lanes below this one (lane 0 gets 0), as Metal's simd_prefix_exclusive_sum.
+template <class T>
+inline T simd_prefix_exclusive(T x) {
+  const int lane = rt().current % kSimdWidth;
+  return simd_lane_sum<T>(simd_exchange(x, kOpSimdPrefixExclusiveSum, "simd_prefix_exclusive_sum"), lane);
 }
 
 inline void fiber_main(int index) {
@@ -374,6 +462,15 @@ inline int run(const unsigned* grid, const unsigned* tg, int cooperative, Kernel
 
 namespace metal {
 
+// MSL's bit cast between types of one size.
+template <class To, class From>
+inline To as_type(From x) {
+  static_assert(sizeof(To) == sizeof(From), "as_type: types of different sizes");
+  To out;
+  std::memcpy(&out, &x, sizeof out);
+  return out;
+}
+
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
 
 inline void threadgroup_barrier(mem_flags) {
@@ -383,6 +480,11 @@ inline void threadgroup_barrier(mem_flags) {
 template <class T>
 inline T simd_sum(T x) {
   return sae_shim::simd_reduce_sum(x);
+}
+
+template <class T>
+inline T simd_prefix_exclusive_sum(T x) {
+  return sae_shim::simd_prefix_exclusive(x);
 }
 
 }  // namespace metal

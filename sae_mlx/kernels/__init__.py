@@ -1,5 +1,5 @@
-"""Kernels of the MLX backend: sparse row kernels (:mod:`sae_mlx.kernels.sparse_rows`) and the dense-subset
-AuxK (:mod:`sae_mlx.kernels.row_subset`)."""
+"""Kernels of the MLX backend: sparse row kernels (:mod:`sae_mlx.kernels.sparse_rows`), the dense-subset AuxK
+(:mod:`sae_mlx.kernels.row_subset`) and the per-row top-k selection (:mod:`sae_mlx.kernels.topk`)."""
 
 from .row_subset import subset_decode, subset_decode_reference
 from .sparse_rows import (
@@ -17,6 +17,7 @@ from .sparse_rows import (
     sparse_encode,
     use_metal,
 )
+from .topk import topk_indices, topk_indices_metal, topk_indices_reference, use_metal_topk
 
 __all__ = [
     "HAS_METAL",
@@ -33,5 +34,9 @@ __all__ = [
     "sparse_encode",
     "subset_decode",
     "subset_decode_reference",
+    "topk_indices",
+    "topk_indices_metal",
+    "topk_indices_reference",
     "use_metal",
+    "use_metal_topk",
 ]

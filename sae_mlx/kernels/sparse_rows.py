@@ -44,6 +44,17 @@ Metal kernel designs (one thread per output element, no threadgroup memory, no a
   not serialise on contended atomics, and no ``atomic<float>`` (Apple7+/Metal 3) is needed. The price is the
   argsort of N*k int32 keys and a scatter-add of N*k ones, both small next to the N*k*d multiply-adds.
 
+Speed variants (selectable; the kernels above stay the default until a Mac measures them with
+``python -m bench --mlx-variants ...``; every variant has the same reference and harness tests):
+* ``SAE_MLX_GWS=wide`` / ``SAE_MLX_SCATTER=wide``: 4 neighbouring output columns per thread, so each slot's
+  index and weight are read once for 4 columns and a row's elements side by side (MLX's kernels read N_READS).
+* ``SAE_MLX_GATHER_DOT=blocked``: one SIMD group per token and 4 slots: x[n] is read once per 4 slots, not per slot.
+* ``SAE_MLX_SCATTER=segmented``: each latent's entries cut into segments of at most 256; fp32 partial sums per
+  segment, then one sum of its segments per latent. A latent that fires on most tokens is summed by many threads
+  instead of one thread's long serial loop (the tail of the serial kernel).
+And always: the latent-sorted layout (``latent_csr``) is built once per selection and shared by the decoder and
+encoder weight gradients (``csr=`` of ``sparse_decode`` / ``sparse_encode`` / ``scatter_outer``).
+
 All three use 64-bit offsets (``uint64_t``) inside the kernels, so tables with more than 2**32 elements are
 addressed correctly; sizes come from the ``*_shape`` arguments MLX passes, so one compiled kernel per dtype
 combination serves every N, k, d and M (no recompilation when k_aux or the batch size changes).
@@ -94,6 +105,7 @@ __all__ = [
     "scatter_outer_metal",
     "sparse_decode",
     "sparse_encode",
+    "latent_csr",
     "MetalKernelSpec",
     "MetalLaunch",
     "plan_gather_weighted_sum",
@@ -137,6 +149,24 @@ def use_metal() -> bool:
     if _eager_forced() or not _metal_available():
         return False
     return mx.default_device().type == mx.DeviceType.gpu
+
+
+# Kernel variants that only a Mac can rank: the setting picks one, the first is the default.
+GWS_ENV = "SAE_MLX_GWS"
+GATHER_DOT_ENV = "SAE_MLX_GATHER_DOT"
+SCATTER_ENV = "SAE_MLX_SCATTER"
+KERNEL_VARIANTS = {GWS_ENV: ("scalar", "wide"), GATHER_DOT_ENV: ("lanes", "blocked"),
+                   SCATTER_ENV: ("serial", "segmented", "wide")}
+
+
+def kernel_variant(env: str) -> str:
+    """The variant the environment variable ``env`` names (SAE_MLX_GWS: scalar | wide, SAE_MLX_GATHER_DOT:
+    lanes | blocked, SAE_MLX_SCATTER: serial | segmented | wide); unset or empty is the first, the default."""
+    choices = KERNEL_VARIANTS[env]
+    value = os.environ.get(env, "") or choices[0]
+    if value not in choices:
+        raise ValueError(f"{env} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _result_dtype(a: mx.Dtype, b: mx.Dtype) -> mx.Dtype:
@@ -368,6 +398,164 @@ SCATTER_OUTER_SOURCE = """
     out[uint64_t(m) * uint64_t(D) + uint64_t(c)] = static_cast<OutT>(acc);
 """
 
+# ---- speed variants (item 8 of issue 13): same results, selectable, the kernels above stay the default until a
+# ---- Mac measures both (`python -m bench --mlx-variants ...` on Apple silicon).
+
+GATHER_DOT_BLOCK = 4  # output slots j per SIMD group in the blocked gather_dot
+
+GATHER_DOT_BLOCKED_SOURCE = """
+    // One SIMD group per (token n, block of Block slots j): each lane reads rows[n, c] once per column and
+    // multiplies it with the Block table rows, so x[n] is read K / Block times instead of K times.
+    const uint lane = thread_position_in_threadgroup.x;
+    const uint block = thread_position_in_grid.y;
+    const uint n = thread_position_in_grid.z;
+    const int N = rows_shape[0];
+    const int D = rows_shape[1];
+    const int M = table_shape[0];
+    const int K = indices_shape[1];
+    // (block, n) is the same for all 32 lanes of a SIMD group: this exit is uniform, every lane reaches simd_sum.
+    if (block * uint(Block) >= uint(K) || n >= uint(N)) {
+        return;
+    }
+    const uint64_t xrow = uint64_t(n) * uint64_t(D);
+    uint64_t trow[Block];
+    bool valid[Block];
+    float acc[Block];
+    for (int b = 0; b < Block; ++b) {
+        const uint j = block * uint(Block) + uint(b);
+        const int64_t m = j < uint(K) ? int64_t(indices[uint64_t(n) * uint64_t(K) + uint64_t(j)]) : int64_t(-1);
+        valid[b] = m >= 0 && m < int64_t(M);
+        trow[b] = valid[b] ? uint64_t(m) * uint64_t(D) : uint64_t(0);
+        acc[b] = 0.0f;
+    }
+    for (uint c = lane; c < uint(D); c += 32) {
+        const float x = float(rows[xrow + uint64_t(c)]);
+        for (int b = 0; b < Block; ++b) {
+            if (valid[b]) {
+                acc[b] += x * float(table[trow[b] + uint64_t(c)]);
+            }
+        }
+    }
+    for (int b = 0; b < Block; ++b) {
+        const float total = metal::simd_sum(acc[b]);
+        const uint j = block * uint(Block) + uint(b);
+        if (lane == 0 && j < uint(K)) {
+            out[uint64_t(n) * uint64_t(K) + uint64_t(j)] = static_cast<OutT>(total);
+        }
+    }
+"""
+
+WIDE_COLUMNS = 4  # output columns per thread in the wide gather_weighted_sum / scatter_outer
+
+GATHER_WEIGHTED_SUM_WIDE_SOURCE = """
+    // out[n, c0 .. c0 + Cols) with c0 = Cols * x: each thread reads each slot's index and weight once for Cols
+    // neighbouring columns, and the Cols table elements of a row side by side (MLX's own kernels read N_READS
+    // elements per thread the same way).
+    const uint c0 = thread_position_in_grid.x * uint(Cols);
+    const uint n = thread_position_in_grid.y;
+    const int N = weights_shape[0];
+    const int K = weights_shape[1];
+    const int M = table_shape[0];
+    const int D = table_shape[1];
+    if (c0 >= uint(D) || n >= uint(N)) {
+        return;
+    }
+    const uint width = uint(D) - c0 < uint(Cols) ? uint(D) - c0 : uint(Cols);
+    const uint64_t slot0 = uint64_t(n) * uint64_t(K);
+    float acc[Cols];
+    for (int b = 0; b < Cols; ++b) {
+        acc[b] = 0.0f;
+    }
+    for (int j = 0; j < K; ++j) {
+        const int64_t m = int64_t(indices[slot0 + uint64_t(j)]);
+        if (m >= 0 && m < int64_t(M)) {
+            const float w = float(weights[slot0 + uint64_t(j)]);
+            const uint64_t trow = uint64_t(m) * uint64_t(D) + uint64_t(c0);
+            for (uint b = 0; b < width; ++b) {
+                acc[b] += w * float(table[trow + uint64_t(b)]);
+            }
+        }
+    }
+    const uint64_t orow = uint64_t(n) * uint64_t(D) + uint64_t(c0);
+    for (uint b = 0; b < width; ++b) {
+        out[orow + uint64_t(b)] = static_cast<OutT>(acc[b]);
+    }
+"""
+
+SCATTER_OUTER_WIDE_SOURCE = """
+    // out[m, c0 .. c0 + Cols) with c0 = Cols * x: as the serial scatter_outer, each thread reading each entry's
+    // position and weight once for Cols neighbouring columns.
+    const uint c0 = thread_position_in_grid.x * uint(Cols);
+    const uint m = thread_position_in_grid.y;
+    const int K = weights_shape[1];
+    const int D = rows_shape[1];
+    const int M = offsets_shape[0] - 1;
+    if (c0 >= uint(D) || m >= uint(M)) {
+        return;
+    }
+    const uint width = uint(D) - c0 < uint(Cols) ? uint(D) - c0 : uint(Cols);
+    float acc[Cols];
+    for (int b = 0; b < Cols; ++b) {
+        acc[b] = 0.0f;
+    }
+    for (int p = offsets[m]; p < offsets[m + 1]; ++p) {
+        const uint f = order[p];
+        const float w = float(weights[f]);
+        const uint64_t row = uint64_t(f / uint(K)) * uint64_t(D) + uint64_t(c0);
+        for (uint b = 0; b < width; ++b) {
+            acc[b] += w * float(rows[row + uint64_t(b)]);
+        }
+    }
+    const uint64_t orow = uint64_t(m) * uint64_t(D) + uint64_t(c0);
+    for (uint b = 0; b < width; ++b) {
+        out[orow + uint64_t(b)] = static_cast<OutT>(acc[b]);
+    }
+"""
+
+SCATTER_SEGMENT = 256  # entries per segment in the segmented scatter_outer
+
+SCATTER_SEGMENT_PARTIAL_SOURCE = """
+    // partial[s, c] = the sum over segment s: up to Segment consecutive entries of one latent's CSR range
+    // (order[offsets[m] ..]); one thread per (c, s). Segments past the used ones write 0.
+    const uint c = thread_position_in_grid.x;
+    const uint s = thread_position_in_grid.y;
+    const int K = weights_shape[1];
+    const int D = rows_shape[1];
+    const int M = offsets_shape[0] - 1;
+    const int S = seg_latent_shape[0];
+    if (c >= uint(D) || s >= uint(S)) {
+        return;
+    }
+    float acc = 0.0f;
+    if (int(s) < seg_offsets[M]) {
+        const int m = seg_latent[s];
+        const int first = offsets[m] + (int(s) - seg_offsets[m]) * Segment;
+        const int stop = first + Segment < offsets[m + 1] ? first + Segment : offsets[m + 1];
+        for (int p = first; p < stop; ++p) {
+            const uint f = order[p];
+            const uint n = f / uint(K);
+            acc += float(weights[f]) * float(rows[uint64_t(n) * uint64_t(D) + uint64_t(c)]);
+        }
+    }
+    partial[uint64_t(s) * uint64_t(D) + uint64_t(c)] = acc;
+"""
+
+SCATTER_SEGMENT_REDUCE_SOURCE = """
+    // out[m, c] = the sum of latent m's segment partials partial[seg_offsets[m] .. seg_offsets[m + 1], c]
+    const uint c = thread_position_in_grid.x;
+    const uint m = thread_position_in_grid.y;
+    const int D = partial_shape[1];
+    const int M = seg_offsets_shape[0] - 1;
+    if (c >= uint(D) || m >= uint(M)) {
+        return;
+    }
+    float acc = 0.0f;
+    for (int s = seg_offsets[m]; s < seg_offsets[m + 1]; ++s) {
+        acc += partial[uint64_t(s) * uint64_t(D) + uint64_t(c)];
+    }
+    out[uint64_t(m) * uint64_t(D) + uint64_t(c)] = static_cast<OutT>(acc);
+"""
+
 
 @dataclass(frozen=True)
 class MetalKernelSpec:
@@ -423,7 +611,40 @@ SCATTER_OUTER_SPEC = MetalKernelSpec(
     output_names=("out",),
     source=SCATTER_OUTER_SOURCE,
 )
-KERNEL_SPECS = {s.name: s for s in (GATHER_WEIGHTED_SUM_SPEC, GATHER_DOT_SPEC, SCATTER_OUTER_SPEC)}
+GATHER_DOT_BLOCKED_SPEC = MetalKernelSpec(
+    name="sae_gather_dot_blocked",
+    input_names=("rows", "table", "indices"),
+    output_names=("out",),
+    source=GATHER_DOT_BLOCKED_SOURCE,
+)
+SCATTER_SEGMENT_PARTIAL_SPEC = MetalKernelSpec(
+    name="sae_scatter_segment_partial",
+    input_names=("weights", "rows", "order", "offsets", "seg_offsets", "seg_latent"),
+    output_names=("partial",),
+    source=SCATTER_SEGMENT_PARTIAL_SOURCE,
+)
+SCATTER_SEGMENT_REDUCE_SPEC = MetalKernelSpec(
+    name="sae_scatter_segment_reduce",
+    input_names=("partial", "seg_offsets"),
+    output_names=("out",),
+    source=SCATTER_SEGMENT_REDUCE_SOURCE,
+)
+GATHER_WEIGHTED_SUM_WIDE_SPEC = MetalKernelSpec(
+    name="sae_gather_weighted_sum_wide",
+    input_names=("weights", "indices", "table"),
+    output_names=("out",),
+    source=GATHER_WEIGHTED_SUM_WIDE_SOURCE,
+)
+SCATTER_OUTER_WIDE_SPEC = MetalKernelSpec(
+    name="sae_scatter_outer_wide",
+    input_names=("weights", "rows", "order", "offsets"),
+    output_names=("out",),
+    source=SCATTER_OUTER_WIDE_SOURCE,
+)
+KERNEL_SPECS = {s.name: s for s in (GATHER_WEIGHTED_SUM_SPEC, GATHER_DOT_SPEC, SCATTER_OUTER_SPEC,
+                                    GATHER_DOT_BLOCKED_SPEC, SCATTER_SEGMENT_PARTIAL_SPEC,
+                                    SCATTER_SEGMENT_REDUCE_SPEC, GATHER_WEIGHTED_SUM_WIDE_SPEC,
+                                    SCATTER_OUTER_WIDE_SPEC)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -540,10 +761,22 @@ def _row_threadgroup(width: int, rows: int) -> tuple[int, int, int]:
 
 
 def plan_gather_weighted_sum(weights: mx.array, indices: mx.array, table: mx.array) -> MetalLaunch:
-    """The Metal launch of ``gather_weighted_sum`` (inputs must be non-empty: N, k, d > 0)."""
+    """The Metal launch of ``gather_weighted_sum`` (inputs must be non-empty: N, k, d > 0); the wide kernel
+    (WIDE_COLUMNS columns per thread) with SAE_MLX_GWS=wide."""
     out_dtype = _validate_gws(weights, indices, table)
     n, _ = indices.shape
     d = table.shape[1]
+    if kernel_variant(GWS_ENV) == "wide":
+        width = -(-d // WIDE_COLUMNS)
+        return MetalLaunch(
+            spec=GATHER_WEIGHTED_SUM_WIDE_SPEC,
+            inputs=[weights, indices, table],
+            template=[("OutT", out_dtype), ("Cols", WIDE_COLUMNS)],
+            grid=(width, n, 1),
+            threadgroup=_row_threadgroup(width, n),
+            output_shapes=[(n, d)],
+            output_dtypes=[out_dtype],
+        )
     return MetalLaunch(
         spec=GATHER_WEIGHTED_SUM_SPEC,
         inputs=[weights, indices, table],
@@ -556,9 +789,22 @@ def plan_gather_weighted_sum(weights: mx.array, indices: mx.array, table: mx.arr
 
 
 def plan_gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> MetalLaunch:
-    """The Metal launch of ``gather_dot`` (inputs must be non-empty: N, k > 0)."""
+    """The Metal launch of ``gather_dot`` (inputs must be non-empty: N, k > 0); the blocked kernel with
+    SAE_MLX_GATHER_DOT=blocked."""
     out_dtype = _validate_gdot(rows, table, indices)
     n, k = indices.shape
+    if kernel_variant(GATHER_DOT_ENV) == "blocked":
+        blocks = -(-k // GATHER_DOT_BLOCK)
+        ty = min(blocks, 8)
+        return MetalLaunch(
+            spec=GATHER_DOT_BLOCKED_SPEC,
+            inputs=[rows, table, indices],
+            template=[("OutT", out_dtype), ("Block", GATHER_DOT_BLOCK)],
+            grid=(32, blocks, n),
+            threadgroup=(32, ty, max(1, min(n, 8 // ty))),
+            output_shapes=[(n, k)],
+            output_dtypes=[out_dtype],
+        )
     ty = min(k, 8)
     tz = max(1, min(n, 8 // ty))
     return MetalLaunch(
@@ -572,10 +818,12 @@ def plan_gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> Metal
     )
 
 
-def _csr_by_latent(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array]:
+def latent_csr(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array]:
     """(order [N*k] uint32, offsets [num_rows + 1] int32): ``order[offsets[m]:offsets[m+1]]`` are the flat
     positions n*k + j with indices[n, j] == m. Out-of-range indices get the key num_rows: they sort last and no
-    latent's range covers them, so the kernel never reads them."""
+    latent's range covers them, so the kernel never reads them. scatter_outer's Metal path needs it; a caller that
+    scatters twice with the same indices (the decoder and the encoder weight gradients of one selection) builds
+    it once and passes it as ``csr``."""
     flat = indices.reshape(-1)
     valid = (flat >= 0) & (flat < num_rows)
     keys = mx.where(valid, flat, num_rows).astype(mx.int32)
@@ -585,7 +833,64 @@ def _csr_by_latent(indices: mx.array, num_rows: int) -> tuple[mx.array, mx.array
     return order, offsets
 
 
-def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> MetalLaunch:
+_csr_by_latent = latent_csr
+
+
+def _segments(offsets: mx.array, num_entries: int, num_rows: int) -> tuple[mx.array, mx.array]:
+    """(seg_offsets [num_rows + 1] int32, seg_latent [S] int32) cutting each latent's CSR range into segments of at
+    most SCATTER_SEGMENT entries: latent m owns segments seg_offsets[m] .. seg_offsets[m + 1], segment s belongs
+    to latent seg_latent[s]. S = min(num_rows, entries) + ceil(entries / SCATTER_SEGMENT) bounds the count
+    without a host sync (each latent has at most one partial segment); segments past seg_offsets[-1] are unused."""
+    counts = offsets[1:] - offsets[:-1]
+    per_latent = (counts + SCATTER_SEGMENT - 1) // SCATTER_SEGMENT
+    seg_offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(per_latent).astype(mx.int32)])
+    bound = min(num_rows, num_entries) + -(-num_entries // SCATTER_SEGMENT)
+    # each latent's first segment gets its number; latents without segments share the next one's start and lose
+    # to it under maximum; a running maximum fills the rest. One spare slot takes the starts at the very end.
+    firsts = mx.zeros((bound + 1,), dtype=mx.int32).at[seg_offsets[:-1]].maximum(
+        mx.arange(num_rows, dtype=mx.int32))
+    return seg_offsets, mx.cummax(firsts)[:bound]
+
+
+def plan_scatter_outer_segmented(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                                 csr: tuple[mx.array, mx.array] | None = None) -> list[MetalLaunch]:
+    """The two launches of the segmented ``scatter_outer`` (SAE_MLX_SCATTER=segmented): fp32 partial sums over
+    segments of at most SCATTER_SEGMENT entries, then one sum of its segments per latent. A latent that fires on
+    most tokens is then spread over many threads instead of one serial loop over all its entries. The second
+    launch's ``partial`` input is a placeholder of the right shape: :func:`scatter_outer_metal` feeds it the
+    first launch's output."""
+    out_dtype = _validate_scatter(weights, indices, rows, num_rows)
+    n, k = indices.shape
+    d = rows.shape[1]
+    _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
+    _check_size("scatter_outer num_rows + 1", num_rows + 1)
+    order, offsets = latent_csr(indices, num_rows) if csr is None else csr
+    seg_offsets, seg_latent = _segments(offsets, n * k, num_rows)
+    segments = seg_latent.shape[0]
+    _check_size("segmented scatter_outer partial sums [S, d]", segments * d)
+    partial = MetalLaunch(
+        spec=SCATTER_SEGMENT_PARTIAL_SPEC,
+        inputs=[weights, rows, order, offsets, seg_offsets, seg_latent],
+        template=[("Segment", SCATTER_SEGMENT)],
+        grid=(d, segments, 1),
+        threadgroup=_row_threadgroup(d, segments),
+        output_shapes=[(segments, d)],
+        output_dtypes=[mx.float32],
+    )
+    reduce = MetalLaunch(
+        spec=SCATTER_SEGMENT_REDUCE_SPEC,
+        inputs=[mx.zeros((segments, d), dtype=mx.float32), seg_offsets],
+        template=[("OutT", out_dtype)],
+        grid=(d, num_rows, 1),
+        threadgroup=_row_threadgroup(d, num_rows),
+        output_shapes=[(num_rows, d)],
+        output_dtypes=[out_dtype],
+    )
+    return [partial, reduce]
+
+
+def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                       csr: tuple[mx.array, mx.array] | None = None) -> MetalLaunch:
     """The Metal launch of ``scatter_outer`` (inputs must be non-empty: N, k, d, num_rows > 0). Builds the
     per-latent CSR layout with MLX ops (argsort + counts + cumsum) first."""
     out_dtype = _validate_scatter(weights, indices, rows, num_rows)
@@ -593,7 +898,18 @@ def plan_scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num
     d = rows.shape[1]
     _check_size("scatter_outer's flat (token, slot) positions N*k", n * k)
     _check_size("scatter_outer num_rows + 1", num_rows + 1)
-    order, offsets = _csr_by_latent(indices, num_rows)
+    order, offsets = latent_csr(indices, num_rows) if csr is None else csr
+    if kernel_variant(SCATTER_ENV) == "wide":
+        width = -(-d // WIDE_COLUMNS)
+        return MetalLaunch(
+            spec=SCATTER_OUTER_WIDE_SPEC,
+            inputs=[weights, rows, order, offsets],
+            template=[("OutT", out_dtype), ("Cols", WIDE_COLUMNS)],
+            grid=(width, num_rows, 1),
+            threadgroup=_row_threadgroup(width, num_rows),
+            output_shapes=[(num_rows, d)],
+            output_dtypes=[out_dtype],
+        )
     return MetalLaunch(
         spec=SCATTER_OUTER_SPEC,
         inputs=[weights, rows, order, offsets],
@@ -624,14 +940,20 @@ def gather_dot_metal(rows: mx.array, table: mx.array, indices: mx.array) -> mx.a
     return plan_gather_dot(rows, table, indices).run()[0]
 
 
-def scatter_outer_metal(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
-    """Metal kernel for ``scatter_outer`` (needs Apple-silicon Metal)."""
+def scatter_outer_metal(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                        csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
+    """Metal kernel for ``scatter_outer`` (needs Apple-silicon Metal); ``csr``: ``latent_csr(indices, num_rows)``
+    if the caller has it already."""
     out_dtype = _validate_scatter(weights, indices, rows, num_rows)
     n, k = indices.shape
     d = rows.shape[1]
     if n == 0 or k == 0 or d == 0 or num_rows == 0:
         return mx.zeros((num_rows, d), dtype=out_dtype)
-    return plan_scatter_outer(weights, indices, rows, num_rows).run()[0]
+    if kernel_variant(SCATTER_ENV) == "segmented":
+        partial, reduce = plan_scatter_outer_segmented(weights, indices, rows, num_rows, csr)
+        (sums,) = partial.run()
+        return reduce.with_inputs([sums, reduce.inputs[1]]).run()[0]
+    return plan_scatter_outer(weights, indices, rows, num_rows, csr).run()[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -654,11 +976,13 @@ def gather_dot(rows: mx.array, table: mx.array, indices: mx.array) -> mx.array:
     return gather_dot_reference(rows, table, indices)
 
 
-def scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int) -> mx.array:
+def scatter_outer(weights: mx.array, indices: mx.array, rows: mx.array, num_rows: int,
+                  csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """``out[m] = sum_{indices[n, j] == m} weights[n, j] * rows[n]`` -> [num_rows, d]; Metal when available, else
-    the reference."""
+    the reference. ``csr``: ``latent_csr(indices, num_rows)`` if the caller has it (the Metal path then skips
+    building it; the reference does not use it)."""
     if use_metal():
-        return scatter_outer_metal(weights, indices, rows, num_rows)
+        return scatter_outer_metal(weights, indices, rows, num_rows, csr)
     return scatter_outer_reference(weights, indices, rows, num_rows)
 
 
@@ -671,35 +995,62 @@ def _single(cotangent):
     return cotangent[0] if isinstance(cotangent, (list, tuple)) else cotangent
 
 
-@mx.custom_function
-def sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array) -> mx.array:
+def sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array,
+                  csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """Differentiable ``sum_j acts[:, j] * weight[indices[:, j]]`` -> [N, d] (no bias); gradients w.r.t. ``acts``
-    [N, k] and ``weight`` [M, d] (``indices`` get zeros)."""
-    return gather_weighted_sum(acts, indices, weight)
+    [N, k] and ``weight`` [M, d] (``indices`` get zeros). ``csr``: ``latent_csr(indices, M)``, shared with the
+    other sparse wrapper of the same selection so the weight gradients build it once."""
+    if csr is None:
+        return _sparse_decode(acts, indices, weight)
+    return _sparse_decode_csr(acts, indices, weight, *csr)
 
 
-@sparse_decode.vjp
-def _sparse_decode_vjp(primals, cotangent, output):
-    acts, indices, weight = primals
+def _decode_vjp(acts, indices, weight, cotangent, csr=None):
     cot = _single(cotangent)
     d_acts = gather_dot(cot, weight, indices).astype(acts.dtype)
-    d_weight = scatter_outer(acts, indices, cot, weight.shape[0]).astype(weight.dtype)
+    d_weight = scatter_outer(acts, indices, cot, weight.shape[0], csr).astype(weight.dtype)
     return d_acts, mx.zeros_like(indices), d_weight
 
 
-def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array, values: mx.array | None = None) -> mx.array:
+@mx.custom_function
+def _sparse_decode(acts: mx.array, indices: mx.array, weight: mx.array) -> mx.array:
+    return gather_weighted_sum(acts, indices, weight)
+
+
+@_sparse_decode.vjp
+def _sparse_decode_vjp(primals, cotangent, output):
+    return _decode_vjp(*primals, cotangent)
+
+
+@mx.custom_function
+def _sparse_decode_csr(acts, indices, weight, order, offsets) -> mx.array:
+    return gather_weighted_sum(acts, indices, weight)
+
+
+@_sparse_decode_csr.vjp
+def _sparse_decode_csr_vjp(primals, cotangent, output):
+    acts, indices, weight, order, offsets = primals
+    return (*_decode_vjp(acts, indices, weight, cotangent, (order, offsets)), mx.zeros_like(order),
+            mx.zeros_like(offsets))
+
+
+def sparse_encode(x: mx.array, weight: mx.array, indices: mx.array, values: mx.array | None = None,
+                  csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
     """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias);
     gradients w.r.t. ``x`` [N, d] and ``weight`` [M, d] (``indices`` get zeros). ``values``: those numbers if
-    already computed (gathered from a dense pre-activation matmul); then only the vjp runs sparse kernels."""
+    already computed (gathered from a dense pre-activation matmul); then only the vjp runs sparse kernels.
+    ``csr`` (with ``values``): ``latent_csr(indices, M)``, as for :func:`sparse_decode`."""
     if values is None:
         return _sparse_encode(x, weight, indices)
-    return _sparse_encode_given(x, weight, indices, mx.stop_gradient(values))
+    if csr is None:
+        return _sparse_encode_given(x, weight, indices, mx.stop_gradient(values))
+    return _sparse_encode_given_csr(x, weight, indices, mx.stop_gradient(values), *csr)
 
 
-def _encode_vjp(x, weight, indices, cotangent):
+def _encode_vjp(x, weight, indices, cotangent, csr=None):
     cot = _single(cotangent)
     d_x = gather_weighted_sum(cot, indices, weight).astype(x.dtype)
-    d_weight = scatter_outer(cot, indices, x, weight.shape[0]).astype(weight.dtype)
+    d_weight = scatter_outer(cot, indices, x, weight.shape[0], csr).astype(weight.dtype)
     return d_x, d_weight, mx.zeros_like(indices)
 
 
@@ -722,3 +1073,15 @@ def _sparse_encode_given(x: mx.array, weight: mx.array, indices: mx.array, value
 def _sparse_encode_given_vjp(primals, cotangent, output):
     x, weight, indices, values = primals
     return (*_encode_vjp(x, weight, indices, cotangent), mx.zeros_like(values))
+
+
+@mx.custom_function
+def _sparse_encode_given_csr(x, weight, indices, values, order, offsets) -> mx.array:
+    return values
+
+
+@_sparse_encode_given_csr.vjp
+def _sparse_encode_given_csr_vjp(primals, cotangent, output):
+    x, weight, indices, values, order, offsets = primals
+    return (*_encode_vjp(x, weight, indices, cotangent, (order, offsets)), mx.zeros_like(values),
+            mx.zeros_like(order), mx.zeros_like(offsets))
