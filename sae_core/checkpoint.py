@@ -63,10 +63,39 @@ def expected_shapes(cfg: SparseCoderConfig, d_in: int, d_out: int) -> dict[str, 
     return shapes
 
 
+def read_json(path: Path, what: str, error=CheckpointError):
+    """Parse a JSON file of ours or of a download; every way it can be malformed gives `error` naming the file
+    (a file nested 200,000 deep makes the parser raise RecursionError: that too)."""
+    path = Path(path)
+    try:
+        return parse_json(path.read_bytes(), f"{path}", what, error)
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or type(e).__name__})") from None
+
+
+def parse_json(raw: bytes | str, where: str, what: str, error=CheckpointError):
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise error(f"{where}: not {what} (not UTF-8 text)") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise error(f"{where}: not {what} (invalid JSON: {str(e)[:120]})") from None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Parse a safetensors header: ({name: {"dtype", "shape", "data_offsets"}}, metadata).
 
-    Checks what a loader would otherwise report cryptically: not a safetensors file, truncated data.
+    Checks everything a loader would otherwise report cryptically or, worse, accept: not a safetensors file,
+    truncated data, shapes that are not lists of non-negative integers, and byte ranges that overlap, leave gaps or
+    stop short of the end of the file (the safetensors format requires the tensors to tile the data exactly;
+    overlapping ranges would make two tensors share bytes).
     """
     path = Path(path)
     if not path.is_file():
@@ -81,25 +110,42 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
             raise CheckpointError(f"{path}: not a safetensors file, or truncated (header length {header_len} "
                                   f"does not fit in {size} bytes)")
         raw = f.read(header_len)
-    try:
-        header = json.loads(raw)
-        assert isinstance(header, dict)
-    except (ValueError, AssertionError):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    header = parse_json(raw.rstrip(b" "), str(path), "a safetensors file (its header is not JSON)")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: malformed __metadata__ (expected a JSON object of strings)")
     data_len = size - 8 - header_len
+    ranges = []
     for name, info in header.items():
         try:
             start, end = info["data_offsets"]
-            count = math.prod(info["shape"])
+            shape = info["shape"]
+            if not (_is_count(start) and _is_count(end) and isinstance(shape, list)
+                    and all(_is_count(n) for n in shape)):
+                raise TypeError
+            count = math.prod(shape)
             item = 2 if info["dtype"] in ("BF16", "F16", "I16") else _numpy_dtype(info["dtype"]).itemsize
         except (KeyError, TypeError, ValueError, CheckpointError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r} (shape and "
+                                  f"data_offsets must be lists of non-negative integers)") from None
         if end - start != count * item:
             raise CheckpointError(f"{path}: tensor {name!r} has {end - start} bytes for shape {info['shape']}")
         if end > data_len:
             raise CheckpointError(f"{path}: truncated file: tensor {name!r} needs bytes up to {end} "
                                   f"but the file holds {data_len} bytes of data; re-save or re-download it")
+        ranges.append((start, end, name))
+    position = 0
+    for start, end, name in sorted(ranges):
+        if start != position:
+            problem = "overlaps the previous tensor's bytes" if start < position else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {start}, which {problem}: a corrupt "
+                                  f"or crafted file (safetensors tensors tile the data exactly); re-download it")
+        position = end
+    if position != data_len:
+        raise CheckpointError(f"{path}: {data_len - position} trailing bytes after the last tensor: a corrupt or "
+                              f"crafted file; re-save or re-download it")
     return header, metadata
 
 
@@ -110,11 +156,9 @@ def load_config(folder: Path) -> tuple[SparseCoderConfig, int, int]:
         raise CheckpointError(f"{folder}: checkpoint folder not found")
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a checkpoint folder holds {CONFIG_FILE} and {WEIGHTS_FILE}")
-    try:
-        data = json.loads(path.read_text())
-        assert isinstance(data, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: not a JSON object") from None
+    data = read_json(path, "a JSON object")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
     if "d_in" not in data:
         raise CheckpointError(f"{path}: no 'd_in' key (sparsify writes it beside the config fields)")
     cfg = SparseCoderConfig.from_dict(data, where=str(path))
@@ -149,6 +193,18 @@ def validate_checkpoint(folder: Path) -> tuple[SparseCoderConfig, int, int, dict
         if header[name]["dtype"] not in FLOAT_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {header[name]['dtype']}, expected a float type")
     return cfg, d_in, d_out, header
+
+
+def weights_dtype(header: dict[str, dict]) -> str:
+    """The safetensors dtype both backends load a checkpoint's tensors as, casting each tensor to it: the file's
+    own when every tensor has the same one of F32, BF16, F16; else F32. F64 files become F32 (no backend computes in
+    float64 and Metal has no float64; values beyond float32's range turn into Inf and are refused by
+    `check_finite`), and mixed files (say F16 weights with an F32 bias, which would fail inside forward) become the
+    one dtype that holds all of them exactly."""
+    dtypes = {info["dtype"] for info in header.values()}
+    if len(dtypes) == 1 and dtypes <= {"F32", "BF16", "F16"}:
+        return dtypes.pop()
+    return "F32"
 
 
 def check_finite(folder: Path, name: str, finite: bool) -> None:
