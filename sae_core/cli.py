@@ -9,7 +9,8 @@ and everything it prints comes from sae_core.metrics, so both backends read the 
 Train flags are generated from TrainConfig's fields (sparsify's names: --batch_size, --k, --expansion_factor,
 --hookpoints, --layers, --grad_acc_steps, --lr, --auxk_alpha, --dead_feature_threshold, --save_every, --optimizer,
 --run_name, ...), with help taken from the field docstrings. User mistakes print one line `error: ...` and exit 2;
-Ctrl-C exits 130 (during training: after saving a checkpoint).
+a failed write (disk full, read-only folder) prints one line and exits 1; Ctrl-C or SIGTERM exits 130 (during
+training: after saving a checkpoint).
 """
 from __future__ import annotations
 
@@ -329,6 +330,14 @@ def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only or forbidden folder: the environment, not a bug; one line
+        from .training_state import describe_write_error
+
+        message = describe_write_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
