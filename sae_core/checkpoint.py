@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import struct
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -234,6 +237,82 @@ def atomic_path(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---- folders built beside their destination and renamed into place (sae harvest, sae convert) ----
+
+_STAGING_LOCKS: dict[str, int] = {}  # staging folder -> the fd holding its flock, in this process
+STALE_AFTER_S = 10.0  # an unlocked staging folder younger than this may be one another process is just locking
+
+
+def staging_pattern(dst: Path, suffix: str) -> re.Pattern:
+    """Names of the staging folders `make_staging_dir(dst, suffix)` makes (tempfile.mkdtemp's 8 random chars)."""
+    return re.compile(rf"\.{re.escape(Path(dst).name)}\.[A-Za-z0-9_]{{8}}\.{re.escape(suffix)}")
+
+
+def make_staging_dir(dst: Path, suffix: str = "partial") -> Path:
+    """A fresh hidden folder `.<name>.XXXXXXXX.<suffix>` beside `dst`, flock-ed by this process until it exits or
+    `release_staging_dir`. Stale ones of the same pattern (left by a killed process: no one holds their lock)
+    are removed first, so a SIGKILLed harvest or convert does not leave its partial output behind for good."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(dst, suffix)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=f".{suffix}", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    fd = os.open(staging, os.O_RDONLY)
+    if _lock_fd(fd) is False:  # just made by us: only a bug could make this fail
+        os.close(fd)
+        raise RuntimeError(f"{staging}: could not lock a fresh staging folder")
+    _STAGING_LOCKS[str(staging)] = fd
+    return staging
+
+
+def release_staging_dir(staging: Path) -> None:
+    """Drop the lock of a staging folder made here (after it was renamed into place or removed)."""
+    fd = _STAGING_LOCKS.pop(str(staging), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _lock_fd(fd: int) -> bool | None:
+    """flock(LOCK_EX | LOCK_NB): True when taken, False when another process holds it, None without fcntl."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def remove_stale_staging(dst: Path, suffix: str = "partial") -> list[Path]:
+    """Remove staging folders of `dst` that no live process holds: only real folders whose names match our
+    pattern (never through a symbolic link), older than STALE_AFTER_S. Returns what was removed."""
+    dst = Path(dst)
+    if not dst.parent.is_dir():
+        return []
+    pattern, removed = staging_pattern(dst, suffix), []
+    for entry in os.scandir(dst.parent):
+        if not pattern.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if str(Path(entry.path)) in _STAGING_LOCKS or time.time() - entry.stat(follow_symlinks=False).st_mtime \
+                < STALE_AFTER_S:
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:
+            continue
+        try:
+            if _lock_fd(fd) is True:  # no one holds it: its writer is gone (without fcntl: never removed)
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed.append(Path(entry.path))
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -542,8 +543,15 @@ def check_same_run(saved: dict, source, hookpoints: list[str]) -> None:
     saved_hooks = sorted({c["hookpoint"] for c in saved["coders"].values()})
     if saved_hooks != sorted(hookpoints):
         raise UserError(f"the checkpoint trained hookpoints {saved_hooks}, but this run resolves to {hookpoints}")
-    old, new = saved.get("data", {}), source.data_info
+    old, new = saved.get("data", {}), dict(source.data_info)
+    if new["kind"] == "cache" and re.fullmatch(r"\d+:\d+", str(old.get("fingerprint"))):
+        # checkpoints written before caches had a manifest fingerprint stored "<tokens>:<shards>"
+        new["fingerprint"] = f"{source.cache.total_tokens}:{len(source.cache.shards)}"
     if old.get("kind") == new["kind"] and old.get("fingerprint") and old.get("fingerprint") != new["fingerprint"]:
+        if new["kind"] == "cache":
+            raise UserError(f"the activation cache differs from the one this run was trained on (fingerprint "
+                            f"{new['fingerprint']} vs {old['fingerprint']}): resume needs the same cache; give the "
+                            f"run's cache with --activations, or start a new run")
         raise UserError("the training data differs from the checkpoint's (token fingerprint "
                         f"{new['fingerprint']} vs {old['fingerprint']}): resume needs the same dataset, tokenizer "
                         "and ctx_len")

@@ -50,6 +50,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from sae_core.activation_cache import cache_hookpoints
 from sae_core.data import default_exclude_tokens, load_token_chunks
 from sae_core.errors import UserError
 from sae_core.metrics import MetricsLog, coder_stats, plot_run
@@ -471,7 +472,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
         source = ArrayActivationSource(source)
     if source is None and cfg.activations:
         source = CacheActivationSource(cfg.activations, cfg.batch_size * cfg.ctx_len, cfg.seed,
-                                       cfg.hookpoints or None)
+                                       cache_hookpoints(cfg))
     if source is None:
         with mx.stream(device):
             hookpoints, make_source, tokenizer = load_model_source(cfg, choose_model_runner(model_runner))

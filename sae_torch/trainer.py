@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from sae_core.activation_cache import cache_hookpoints
 from sae_core.data import check_dataset, default_exclude_tokens, load_token_chunks
 from sae_core.errors import UserError
 from sae_core.metrics import MetricsLog, coder_stats, plot_run
@@ -354,7 +355,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
         source = ArrayActivationSource(source, device)
     if source is None and cfg.activations:
         source = CacheActivationSource(cfg.activations, cfg.batch_size * cfg.ctx_len, cfg.seed, device,
-                                       cfg.hookpoints or None)
+                                       cache_hookpoints(cfg))
     if source is None:
         check_dataset(cfg.dataset)  # before the (slow) model load
         model, tokenizer = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
