@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from . import saelens
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, save_checkpoint_numpy, write_text_atomic
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, make_staging_dir, release_staging_dir,
+                         save_checkpoint_numpy, write_text_atomic)
 from .config import SparseCoderConfig
 from .errors import CheckpointError, UserError
 
@@ -122,7 +123,7 @@ def _model_name(run_folder: Path) -> str | None:
     path = Path(run_folder) / "config.json"  # sparsify's training config beside the hookpoint folders
     try:
         model = json.loads(path.read_text()).get("model") if path.is_file() else None
-    except (ValueError, AttributeError, UnicodeDecodeError):
+    except (ValueError, AttributeError, UnicodeDecodeError, RecursionError):
         return None
     return model if isinstance(model, str) else None
 
@@ -404,12 +405,9 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
         created.append(parent)
         parent = parent.parent
     dst_abs.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.", suffix=".partial", dir=dst_abs.parent))
+    staging = make_staging_dir(dst_abs, "partial")  # also removes partial folders of killed converts
     backup = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
         reports = []
         for name, folder in items:
             out = staging / name if is_run else staging
@@ -431,12 +429,14 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        release_staging_dir(staging)
         for folder in created:
             try:
                 folder.rmdir()
             except OSError:
                 break
         raise
+    release_staging_dir(staging)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     for report in reports:
