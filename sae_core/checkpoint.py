@@ -210,6 +210,15 @@ def weights_dtype(header: dict[str, dict]) -> str:
     return "F32"
 
 
+def load_weights_cast(folder: Path, header: dict[str, dict]) -> dict[str, np.ndarray]:
+    """A checkpoint's tensors as NumPy arrays already cast to `weights_dtype(header)`: for loaders that cannot read
+    a dtype in the file themselves (MLX's safetensors reader has no F64)."""
+    tensors, _ = load_safetensors_numpy(Path(folder) / WEIGHTS_FILE)
+    target = _numpy_dtype(weights_dtype(header))
+    with np.errstate(over="ignore"):  # beyond float32's range becomes Inf, which check_finite then refuses
+        return {name: value.astype(target) for name, value in tensors.items()}
+
+
 def check_finite(folder: Path, name: str, finite: bool) -> None:
     if not finite:
         raise CheckpointError(f"{Path(folder) / WEIGHTS_FILE}: tensor {name!r} contains NaN or Inf values; "
@@ -364,7 +373,8 @@ def load_checkpoint_numpy(folder: Path) -> tuple[SparseCoderConfig, int, int, di
     cfg, d_in, d_out, _ = validate_checkpoint(folder)
     tensors, _ = load_safetensors_numpy(Path(folder) / WEIGHTS_FILE)
     for name, value in tensors.items():
-        check_finite(folder, name, bool(np.isfinite(value.astype(np.float32)).all()))
+        with np.errstate(over="ignore"):  # an F64 value beyond float32's range: Inf, refused
+            check_finite(folder, name, bool(np.isfinite(value.astype(np.float32)).all()))
     return cfg, d_in, d_out, tensors
 
 

@@ -434,9 +434,9 @@ def choose_run_dir(save_dir: str, run_name: str | None, model: str, hookpoints: 
     parent = Path(save_dir).expanduser()
     if run_name is not None:
         run = parent / run_name
+        lock_run(run)  # first: a folder another process trains in is refused as such, whatever it holds
         if has_checkpoint(run) and not resume:
             if overwrite:
-                lock_run(run)
                 for item in run.iterdir():
                     if item.name != LOCK_FILE:
                         _remove(item)

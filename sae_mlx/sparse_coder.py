@@ -44,8 +44,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from sae_core import inputs
-from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, weights_dtype,
-                                 write_config)
+from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, load_weights_cast, validate_checkpoint,
+                                 weights_dtype, write_config)
 from sae_core.config import SparseCoderConfig
 from sae_core.errors import CheckpointError
 
@@ -387,7 +387,10 @@ class SparseCoder(nn.Module):
         path = Path(path)
         cfg, d_in, d_out, header = validate_checkpoint(path)
         file_dtype = _MLX_DTYPES[weights_dtype(header)]
-        state = {name: tensor.astype(file_dtype) for name, tensor in mx.load(str(path / WEIGHTS_FILE)).items()}
+        if any(info["dtype"] == "F64" for info in header.values()):  # MLX's safetensors reader has no F64
+            state = {name: mx.array(value) for name, value in load_weights_cast(path, header).items()}
+        else:
+            state = {name: tensor.astype(file_dtype) for name, tensor in mx.load(str(path / WEIGHTS_FILE)).items()}
         for name, tensor in state.items():
             check_finite(path, name, bool(mx.isfinite(tensor).all()))
         if not decoder:
