@@ -6,6 +6,7 @@ same clear error whichever framework opens it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -243,9 +244,27 @@ def atomic_path(path: Path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        as_os_error = _write_failure(error, path)
+        if as_os_error is not None:
+            raise as_os_error from error
         raise
+
+
+def _write_failure(error: BaseException, path: Path) -> OSError | None:
+    """The OSError behind a framework's failed write, which safetensors (Rust: "... (os error 28)") and MLX
+    ("[write] Unable to write N bytes") report as their own exception types; None for anything else."""
+    if isinstance(error, OSError) or not isinstance(error, Exception):
+        return None
+    text = str(error)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number), str(path))
+    if "Unable to write" in text:
+        return OSError(errno.EIO, f"{text.strip()} (a full disk or a file-size limit does this)", str(path))
+    return None
 
 
 # ---- folders built beside their destination and renamed into place (sae harvest, sae convert) ----

@@ -799,11 +799,12 @@ def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-def test_a_write_that_runs_out_of_room_keeps_the_last_checkpoint(finished_run, tmp_path):
+@both_backends
+def test_a_write_that_runs_out_of_room_keeps_the_last_checkpoint(backend, finished_run, tmp_path):
     """RLIMIT_FSIZE makes the kernel fail the checkpoint's large writes (EFBIG), as a full disk would (ENOSPC)."""
     run = copy_run(finished_run, tmp_path)
     before = tree_snapshot(run)
-    result = cli(["train", "--backend", "torch", "--resume", run, "--max_tokens", "512", "--quiet", "--no-plots"],
+    result = cli(["train", "--backend", backend, "--resume", run, "--max_tokens", "512", "--quiet", "--no-plots"],
                  preexec_fn=_limit_file_size)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
