@@ -49,9 +49,9 @@ only `state.json` and coder folders, and nothing under them may be a link; anyth
 CheckpointError before a single file is moved. Reading a run refuses any symbolic link inside the run folder
 (a linked coder folder, state.json or metrics.jsonl would make us read or append outside it).
 
-One writer at a time. `lock_run` takes an exclusive `flock` on `<run>/.lock` (released by the kernel when the
-process dies, so a killed run never blocks its resumption); a second process that wants to train in the same
-folder is refused with a clear message. Readers (`sae eval`) take no lock; they recover an interrupted save only
+One writer at a time. `lock_run` takes an exclusive `flock` on the run folder itself (no lock file: the folder stays
+sparsify's layout; the kernel releases the lock when the process dies, so a killed run never blocks its
+resumption); a second process that wants to train in the same folder is refused with a clear message. Readers (`sae eval`) take no lock; they recover an interrupted save only
 when no writer holds the folder. In a distributed run rank 0 is the writer (the other ranks take no lock).
 """
 from __future__ import annotations
@@ -83,8 +83,7 @@ BEST_DIR = "best"
 PLOTS_DIR = "plots"
 SAVING = ".saving"
 READY = ".ready"
-LOCK_FILE = ".lock"
-RESERVED = {STATE_FILE, METRICS_FILE, BEST_DIR, PLOTS_DIR, SAVING, READY, LOCK_FILE}
+RESERVED = {STATE_FILE, METRICS_FILE, BEST_DIR, PLOTS_DIR, SAVING, READY}
 
 OPTIMIZER_SLOTS = {"signum": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}
 PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip")
@@ -205,17 +204,13 @@ def _distributed_rank() -> int:
 
 
 def _open_lock(run: Path) -> int:
+    """A descriptor of the run folder itself, to flock (works on a read-only file system too)."""
     try:
         import fcntl  # noqa: F401
     except ImportError:
         raise UserError("training needs file locks (fcntl) to keep two processes out of one run folder; this "
                         "platform (Windows) has none: use Linux or macOS") from None
-    try:
-        return os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise _untrusted(run / LOCK_FILE, "is a symbolic link") from None
-        raise
+    return os.open(run, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
 
 
 def _try_lock(fd: int) -> bool:
@@ -242,13 +237,10 @@ def lock_run(run: Path) -> None:
         return
     fd = _open_lock(run)
     if not _try_lock(fd):
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise UserError(f"{run} is in use by another process (pid {holder}) that is training in it; two writers "
-                        f"would corrupt each other's checkpoints and logs. Wait for it to finish (or stop it), or "
-                        f"choose another --run_name")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        raise UserError(f"{run} is in use by another process that is training in it; two writers would corrupt "
+                        f"each other's checkpoints and logs. Wait for it to finish (or stop it), or choose another "
+                        f"--run_name")
     _HELD_LOCKS[key] = fd
 
 
@@ -274,7 +266,7 @@ def _recover_if_free(run: Path) -> None:
         if _try_lock(fd):
             recover(run)
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the short lock
 
 
 def begin_save(target: Path) -> Path:
@@ -436,10 +428,9 @@ def choose_run_dir(save_dir: str, run_name: str | None, model: str, hookpoints: 
         run = parent / run_name
         lock_run(run)  # first: a folder another process trains in is refused as such, whatever it holds
         if has_checkpoint(run) and not resume:
-            if overwrite:
+            if overwrite:  # its contents: the folder itself carries our lock
                 for item in run.iterdir():
-                    if item.name != LOCK_FILE:
-                        _remove(item)
+                    _remove(item)
             else:
                 raise UserError(f"{run} already holds a checkpoint: pass --resume to continue it, --overwrite to "
                                 f"start over, or choose another --run_name")
@@ -457,13 +448,13 @@ def choose_run_dir(save_dir: str, run_name: str | None, model: str, hookpoints: 
         lock_run(taken[-1])
         return taken[-1]
     for c in candidates:  # the first free one; a folder another process has just taken (locked) is not free
-        if not c.exists() or {p.name for p in c.iterdir()} <= {LOCK_FILE}:
+        if not c.exists() or not any(c.iterdir()):
             c.mkdir(parents=True, exist_ok=True)
             try:
                 lock_run(c)
             except UserError:
                 continue
-            if not has_checkpoint(c) and {p.name for p in c.iterdir()} <= {LOCK_FILE}:
+            if not any(c.iterdir()):  # still empty now that it is ours
                 return c
             unlock_run(c)
     raise UserError(f"too many runs named {base} under {parent}; give --run_name")
