@@ -44,6 +44,14 @@ SAE_HELP = {
 }
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: ...` (exit 2) like every other user mistake, instead of the
+    usage block followed by the error; the hint says where the usage is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _field_docs(cls) -> dict[str, str]:
     """The string literal following each field of a dataclass in its source (our field docstrings)."""
     try:
@@ -226,7 +234,7 @@ def _cmd_harvest(args) -> int:
 
 
 def build_parser(default_backend: str = "auto") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sae", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train and evaluate TopK sparse autoencoders and transcoders (sparsify-compatible checkpoints).",
         epilog="examples:\n"

@@ -491,7 +491,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="sae convert"))
+    from .cli import OneLineParser  # here, not at the top: the cli imports this module lazily
+
+    parser = add_arguments(OneLineParser(prog="sae convert"))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse's own usage errors (code 2) and --help (code 0)

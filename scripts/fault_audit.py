@@ -335,7 +335,7 @@ def audit_caches(cache: Path, work: Path) -> None:
                                                                             m.update(total_tokens=1240))),
         "total_tokens wrong": lambda f: edit_manifest(f, lambda m: m.update(total_tokens=99999)),
         "missing activation key": lambda f: rewrite_shard(f / shard0, lambda t: t.pop("layers.7.x")),
-        "missing tokens key is fine? no: wrong width": lambda f: edit_manifest(
+        "wrong width": lambda f: edit_manifest(
             f, lambda m: m["hookpoints"]["layers.7"].update(d_in=12)),
         "integer activations": lambda f: rewrite_shard(f / shard0, lambda t: t.update(
             {"layers.7.x": t["layers.7.x"].astype(np.int32)})),
@@ -371,7 +371,7 @@ def audit_run_folders(run: Path, work: Path) -> None:
              "layers.7/state.safetensors", ".ready/layers.7", ".ready/state.json", ".saving/layers.7",
              "best/.ready", "best/.saving"]
     for link in links:
-        target = work / "run"
+        target = work / "hostile-run"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run, target, symlinks=True)
         victim = work / "victim"
@@ -403,7 +403,7 @@ def audit_run_folders(run: Path, work: Path) -> None:
                        "state.json nested 200,000 deep": lambda r: (r / "state.json").write_text(
                            "[" * 200_000 + "]" * 200_000),
                        "state.json not UTF-8": lambda r: (r / "state.json").write_bytes(b"\xff{}")}.items():
-        target = work / "run"
+        target = work / "hostile-run"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run, target, symlinks=True)
         make(target)
@@ -434,15 +434,30 @@ def audit_cli(cache: Path, run: Path, work: Path, quick: bool) -> None:
         "convert to an unknown format": ["convert", run / "layers.7", work / "conv", "--to", "other"],
         "constant activations": train_args(_constant_cache(work), save, "g"),
     }
+    mistakes.update({
+        "train: bad flag value": ["train", "--batch_size", "x"],
+        "train: unknown flag": ["train", "--bogus"],
+    })
+    backend_free = {
+        "eval of a missing folder": ["eval", work / "missing"],
+        "convert to an unknown format": ["convert", run / "layers.7", work / "conv", "--to", "other"],
+        "convert a missing folder": ["convert", work / "missing", work / "conv", "--to", "saelens"],
+        "unknown command": ["bogus"],
+    }
+    for name in backend_free:
+        mistakes.pop(name, None)
     if quick:
         mistakes = dict(list(mistakes.items())[:5])
     for backend in BACKENDS:
         for name, args in mistakes.items():
             args = [a if a != "torch" else backend for a in args]
-            if "--backend" not in args and args[0] in ("train", "eval") and name != "eval of a missing folder":
+            if "--backend" not in args:
                 args = [args[0], "--backend", backend, *args[1:]]
             ok, detail = one_line(cli(args), 2)
             record(f"CLI user mistakes ({backend})", name, ok, detail)
+    for name, args in backend_free.items():
+        ok, detail = one_line(cli(args), 2)
+        record("CLI user mistakes", name, ok, detail)
     # SIGTERM during a save: saves, exit 130, resumes to the end
     for backend in BACKENDS:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "SAE_DEBUG_SAVE_DELAY": "2:3"}
