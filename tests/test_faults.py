@@ -411,7 +411,8 @@ def test_sigterm_saves_and_exits_like_ctrl_c(backend, cache, tmp_path):
     proc = start_cli(args, {"SAE_DEBUG_SAVE_DELAY": "4:3"})
     wait_for(proc, "debug: pausing")
     proc.send_signal(signal.SIGTERM)  # as a job scheduler stops a job
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)  # stderr belongs to the reader thread (communicate() would race it for the lines)
+    out = proc.stdout.read()
     proc.reader.join(timeout=10)
     stderr = "".join(proc.lines)
     assert proc.returncode == 130, stderr
@@ -840,3 +841,9 @@ def test_a_full_disk_keeps_the_last_checkpoint(finished_run, tmp_path):
         _load_both(run / "layers.7")
     finally:
         subprocess.run(["umount", disk])
+
+
+@pytest.mark.parametrize("args", [["train", "--batch_size", "x"], ["train", "--bogus"], ["bogus"],
+                                  ["convert", "a", "b", "--to", "other"]])
+def test_bad_flags_are_one_line_too(args):
+    assert_user_error(cli(args), "(see sae")
