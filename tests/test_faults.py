@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 
 from sae_core.activation_cache import MANIFEST, ActivationCache, CacheWriter
-from sae_core.checkpoint import (STALE_AFTER_S, load_checkpoint_numpy, load_safetensors_numpy, read_header,
-                                 save_safetensors_numpy)
+from sae_core.checkpoint import STALE_AFTER_S, load_checkpoint_numpy, load_safetensors_numpy, save_safetensors_numpy
 from sae_core.errors import CheckpointError, UserError
 from sae_core.train_config import TrainConfig
 from sae_core.training_state import read_run_state
