@@ -9,22 +9,37 @@ A cache folder:
     shard-00000.safetensors  tokens [N] int32 (the token ids), <hook>.x [N, d_in], and <hook>.y [N, d_out] only for
                              transcoders (an autoencoder's target is its input)
 
-Excluded tokens are already dropped. The manifest is written last, so a folder without one is an unfinished
-harvest. Reading is framework-free (NumPy) and streams: only the shard(s) a batch touches are in memory.
+Excluded tokens are already dropped. A harvest is built in a hidden folder beside OUT (`.OUT.XXXXXXXX.partial`)
+and renamed into place when complete, so an interrupted harvest (also with --overwrite) leaves the old cache as it
+was; a partial folder left by a killed harvest is removed by the next one. Each shard entry of the manifest also
+holds the sha256 of its tensors, so the manifest identifies the cache's contents: `ActivationCache.fingerprint`
+(checked when a run trained on a cache resumes) is a hash of it.
+
+A cache may come from someone else, so reading checks it before training starts: shard files are plain names inside
+the folder (no absolute paths, no `..`, no symbolic links), and every shard's header must hold the manifest's token
+count, `<hook>.x` (and `.y`) of the manifest's widths in a float dtype. Reading is framework-free (NumPy) and
+streams: only the shard(s) a batch touches are in memory.
 Batch order: epoch e visits the shards in `default_rng([seed, e]).permutation(num_shards)` order and the rows of
 shard s in `default_rng([seed, e, s]).permutation(rows)` order; batches are consecutive blocks of batch_tokens
 rows of that sequence (a tail shorter than batch_tokens is skipped), so batch b is a function of (b, seed).
 """
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from .checkpoint import load_safetensors_numpy, save_safetensors_numpy, write_text_atomic
-from .errors import UserError
+from .checkpoint import (FLOAT_DTYPES, load_safetensors_numpy, make_staging_dir, read_header, read_json,
+                         release_staging_dir, save_safetensors_numpy, write_text_atomic)
+from .errors import CheckpointError, UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "sae-twins/activations"
@@ -32,16 +47,26 @@ VERSION = 1
 
 
 class CacheWriter:
+    """Writes a cache into a staging folder beside `folder`; `close()` renames it into place (swapping out an old
+    cache with overwrite=True), so nothing at `folder` changes before the new cache is complete."""
+
     def __init__(self, folder: Path, widths: dict[str, tuple[int, int]], transcode: bool, dtype: str = "float32",
                  shard_tokens: int = 65536, meta: dict | None = None, overwrite: bool = False):
         self.folder = Path(folder)
+        if self.folder.is_symlink():
+            raise UserError(f"{self.folder} is a symbolic link: give the folder itself")
         if (self.folder / MANIFEST).exists() and not overwrite:
             raise UserError(f"{self.folder} already holds an activation cache; pass --overwrite or choose another "
                             f"folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for old in self.folder.glob("shard-*.safetensors"):
-            old.unlink()
-        (self.folder / MANIFEST).unlink(missing_ok=True)
+        if self.folder.exists():
+            if not self.folder.is_dir():
+                raise UserError(f"{self.folder} exists and is not a folder")
+            others = sorted(p.name for p in self.folder.iterdir()
+                            if p.name != MANIFEST and not SHARD_NAME.fullmatch(p.name))
+            if others:  # replacing the folder would delete them
+                raise UserError(f"{self.folder} holds files that are not part of an activation cache "
+                                f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); choose another folder")
+        self.staging = make_staging_dir(self.folder, "partial")
         self.widths, self.transcode, self.dtype = widths, transcode, dtype
         self.shard_tokens, self.meta = shard_tokens, dict(meta or {})
         self.shards: list[dict] = []
@@ -67,8 +92,8 @@ class CacheWriter:
             if self.transcode:
                 tensors[f"{h}.y"] = y[:n].astype(self._np_dtype())
         name = f"shard-{len(self.shards):05d}.safetensors"
-        save_safetensors_numpy(self.folder / name, tensors)
-        self.shards.append({"file": name, "tokens": int(n)})
+        save_safetensors_numpy(self.staging / name, tensors)
+        self.shards.append({"file": name, "tokens": int(n), "sha256": _tensors_hash(tensors)})
         self.total += n
         rest = len(tokens) - n
         self._buffer = [] if rest == 0 else [(tokens[n:], {h: (x[n:], y[n:] if y is not None else None)
@@ -86,12 +111,51 @@ class CacheWriter:
         if self._buffered:
             self._flush(self._buffered)
         if not self.shards:
+            self.abort()
             raise UserError("no activations were harvested (every token excluded, or no data)")
         manifest = {"format": FORMAT, "version": VERSION, "transcode": self.transcode, "dtype": self.dtype,
                     "hookpoints": {h: {"d_in": d_in, "d_out": d_out} for h, (d_in, d_out) in self.widths.items()},
                     "total_tokens": self.total, "shards": self.shards, **self.meta}
-        write_text_atomic(self.folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        write_text_atomic(self.staging / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        old = None
+        if self.folder.exists():  # the old cache (or an unfinished one): out of the way in one rename
+            old = Path(tempfile.mkdtemp(prefix=f".{self.folder.name}.", suffix=".old", dir=self.folder.parent))
+            os.replace(self.folder, old / "cache")
+        os.replace(self.staging, self.folder)
+        release_staging_dir(self.staging)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return manifest
+
+    def abort(self) -> None:
+        """Remove the staging folder (the old cache, if any, was never touched)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        release_staging_dir(self.staging)
+
+
+SHARD_NAME = re.compile(r"shard-\d{5,}\.safetensors")
+
+
+def _tensors_hash(tensors: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + str(tensors[name].dtype).encode() + str(tensors[name].shape).encode())
+        digest.update(np.ascontiguousarray(tensors[name]).view(np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def _is_layer(hookpoint: str, index: int) -> bool:
+    return re.fullmatch(rf"(?:.+\.)?[A-Za-z_]\w*\.{index}", hookpoint) is not None
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def cache_hookpoints(cfg) -> list[str]:
+    """The hookpoints of cfg.activations that a TrainConfig asks for (its hookpoints, layers and layer_stride):
+    what a trainer passes to its cache activation source."""
+    return ActivationCache(cfg.activations).select_hookpoints(cfg.hookpoints, cfg.layers, cfg.layer_stride)
 
 
 class ActivationCache:
@@ -105,21 +169,91 @@ class ActivationCache:
         if not path.is_file():
             raise UserError(f"{self.folder} holds no {MANIFEST}: not an activation cache, or an unfinished harvest "
                             f"(run `sae harvest` again)")
-        try:
-            self.manifest = json.loads(path.read_text())
-        except ValueError:
-            raise UserError(f"{path}: not valid JSON") from None
-        if self.manifest.get("format") != FORMAT:
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link; a cache's files must lie inside its folder")
+        self.manifest = read_json(path, "an activation cache manifest", UserError)
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
             raise UserError(f"{path}: not an activation cache manifest")
-        self.transcode = bool(self.manifest["transcode"])
-        self.widths = {h: (w["d_in"], w["d_out"]) for h, w in self.manifest["hookpoints"].items()}
+        try:
+            self.transcode = bool(self.manifest["transcode"])
+            self.widths = {h: (int(w["d_in"]), int(w["d_out"])) for h, w in self.manifest["hookpoints"].items()}
+            self.shards = [{**s, "file": str(s["file"]), "tokens": int(s["tokens"])} for s in self.manifest["shards"]]
+            self.total_tokens = int(self.manifest["total_tokens"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{path}: malformed manifest ({type(e).__name__}: {e}); harvest the cache again") from None
         self.hookpoints = list(self.widths)
-        self.shards = self.manifest["shards"]
-        self.total_tokens = int(self.manifest["total_tokens"])
+        if sum(s["tokens"] for s in self.shards) != self.total_tokens:
+            raise UserError(f"{path}: total_tokens {self.total_tokens} is not the sum of the shards' tokens "
+                            f"({sum(s['tokens'] for s in self.shards)}); harvest the cache again")
         for shard in self.shards:
-            if not (self.folder / shard["file"]).is_file():
-                raise UserError(f"{self.folder}: shard {shard['file']} listed in the manifest is missing")
+            self._check_shard(shard)
         self._loaded: dict[int, dict[str, np.ndarray]] = {}
+
+    def _check_shard(self, shard: dict) -> None:
+        """The shard is a plain file inside the folder and its header matches the manifest (headers only: cheap)."""
+        name = shard["file"]
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise UserError(f"{self.folder / MANIFEST}: shard {name!r} is not a plain file name inside the cache "
+                            f"(absolute paths and '..' are refused: a cache must not read files outside its folder)")
+        path = self.folder / name
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link; a cache's shards must lie inside its folder")
+        if not path.is_file():
+            raise UserError(f"{self.folder}: shard {name} listed in the manifest is missing")
+        try:
+            header, _ = read_header(path)
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+        problems = []
+        if "tokens" in header and header["tokens"]["shape"] != [shard["tokens"]]:
+            problems.append(f"it holds {header['tokens']['shape']} token ids, the manifest says {shard['tokens']}")
+        for hook, (d_in, d_out) in self.widths.items():
+            for key, width in [(f"{hook}.x", d_in)] + ([(f"{hook}.y", d_out)] if self.transcode else []):
+                if key not in header:
+                    problems.append(f"no tensor {key!r}")
+                elif header[key]["shape"] != [shard["tokens"], width]:
+                    problems.append(f"{key!r} has shape {header[key]['shape']}, the manifest implies "
+                                    f"{[shard['tokens'], width]}")
+                elif header[key]["dtype"] not in FLOAT_DTYPES:
+                    problems.append(f"{key!r} has dtype {header[key]['dtype']}, expected a float type")
+        if problems:
+            raise UserError(f"{path}: does not match {MANIFEST}: {'; '.join(problems)}. The cache is damaged or was "
+                            f"edited: harvest it again")
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the manifest, which names the data, the model, the hookpoints and (in caches written since
+        shards carry one) each shard's content hash: a resumed run checks it to train on the same cache."""
+        text = json.dumps(self.manifest, sort_keys=True, separators=(",", ":"))
+        return "manifest:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def data_info(self, batch_tokens: int) -> dict:
+        """The `data` entry of a run's state.json for a run trained on this cache."""
+        return {"kind": "cache", "fingerprint": self.fingerprint, "num_chunks": self.total_tokens,
+                "tokens_per_batch": batch_tokens}
+
+    def select_hookpoints(self, patterns: list[str] | None = None, layers: list[int] | None = None,
+                          layer_stride: int = 1) -> list[str]:
+        """The cache's hookpoints that `--hookpoints` (fnmatch patterns) or `--layers` (indices, which match the
+        cache's `<layer list>.<i>` names, e.g. layers.3 or h.3) ask for, every layer_stride-th; all when neither
+        is given. Refuses what the cache does not hold rather than training something else."""
+        names = self.hookpoints
+        if layers:
+            missing = [i for i in layers if not any(_is_layer(h, i) for h in names)]
+            if missing:
+                raise UserError(f"the activation cache {self.folder} holds no hookpoint for layer(s) "
+                                f"{', '.join(map(str, missing))} (--layers); it has {', '.join(names)}: train on "
+                                f"those, or harvest the layers you want")
+            chosen = [h for h in names if any(_is_layer(h, i) for i in layers)]
+        elif patterns:
+            missing = [p for p in patterns if not any(fnmatch.fnmatchcase(h, p) for h in names)]
+            if missing:
+                raise UserError(f"the activation cache {self.folder} has no hookpoint matching "
+                                f"{', '.join(map(repr, missing))}; it has {', '.join(names)}")
+            chosen = [h for h in names if any(fnmatch.fnmatchcase(h, p) for p in patterns)]
+        else:
+            chosen = list(names)
+        return sorted(chosen, key=_natural_key)[::layer_stride]
 
     def batches_per_epoch(self, batch_tokens: int) -> int:
         return self.total_tokens // batch_tokens

@@ -9,7 +9,8 @@ and everything it prints comes from sae_core.metrics, so both backends read the 
 Train flags are generated from TrainConfig's fields (sparsify's names: --batch_size, --k, --expansion_factor,
 --hookpoints, --layers, --grad_acc_steps, --lr, --auxk_alpha, --dead_feature_threshold, --save_every, --optimizer,
 --run_name, ...), with help taken from the field docstrings. User mistakes print one line `error: ...` and exit 2;
-Ctrl-C exits 130 (during training: after saving a checkpoint).
+a failed write (disk full, read-only folder) prints one line and exits 1; Ctrl-C or SIGTERM exits 130 (during
+training: after saving a checkpoint).
 """
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ SAE_HELP = {
     "skip_connection": "add a linear skip connection W_skip",
     "transcode": "train a transcoder: predict the hookpoint module's output from its input",
 }
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line `error: ...` (exit 2) like every other user mistake, instead of the
+    usage block followed by the error; the hint says where the usage is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -230,7 +239,7 @@ def _cmd_harvest(args) -> int:
 
 
 def build_parser(default_backend: str = "auto") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sae", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train and evaluate TopK sparse autoencoders and transcoders (sparsify-compatible checkpoints).",
         epilog="examples:\n"
@@ -338,6 +347,14 @@ def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only or forbidden folder: the environment, not a bug; one line
+        from .training_state import describe_write_error
+
+        message = describe_write_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

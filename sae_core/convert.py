@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from . import hub, saelens
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, make_staging_dir, release_staging_dir,
+                         save_checkpoint_numpy, write_text_atomic)
 from .reference import SparseCoderReference, select_indices, selection_boundary
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint_numpy, save_checkpoint_numpy, write_text_atomic
 from .config import SparseCoderConfig
 from .train_config import BUILTIN_MODEL
 from .errors import CheckpointError, UserError
@@ -128,7 +129,7 @@ def _run_info(run_folder: Path) -> dict:
         path = Path(run_folder) / name
         try:
             data = json.loads(path.read_text()) if path.is_file() else None
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             data = None
         if isinstance(data, dict) and key is not None:
             data = data.get(key)
@@ -392,12 +393,9 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
         created.append(parent)
         parent = parent.parent
     dst_abs.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.", suffix=".partial", dir=dst_abs.parent))
+    staging = make_staging_dir(dst_abs, "partial")  # also removes partial folders of killed converts
     backup = None
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
         reports = []
         out_names = _output_names(items, to) if is_run else {}
         for name, folder in items:
@@ -420,12 +418,14 @@ def convert(src, dst, to: str, dtype: str | None = None, verify: bool = True, ho
             raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        release_staging_dir(staging)
         for folder in created:
             try:
                 folder.rmdir()
             except OSError:
                 break
         raise
+    release_staging_dir(staging)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     for report in reports:
@@ -491,7 +491,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="sae convert"))
+    from .cli import OneLineParser  # here, not at the top: the cli imports this module lazily
+
+    parser = add_arguments(OneLineParser(prog="sae convert"))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # argparse's own usage errors (code 2) and --help (code 0)

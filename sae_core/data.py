@@ -101,19 +101,39 @@ def _load_local(path: Path, split: str, text_column: str) -> Documents:
             if file.suffix.lower() in JSONL_SUFFIXES:
                 yield from _jsonl_texts(file, text_column)
             else:
-                yield file.read_text(encoding="utf-8", errors="replace")
+                yield read_text_file(file)
 
     return Documents(texts(), description=str(path))
 
 
+def read_text_file(file: Path) -> str:
+    """A text file's contents, refusing what is not text: a binary file named .txt would otherwise be decoded with
+    replacement characters and trained on as garbage."""
+    raw = file.read_bytes()
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        problem = f"it holds NUL bytes (the first at byte {nul})"
+    else:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problem = f"it is not UTF-8 (invalid byte at position {e.start})"
+    raise UserError(f"{file}: not a text file: {problem}. Give UTF-8 text (.txt/.md/.rst), JSON lines (.jsonl) or a "
+                    f"saved HuggingFace dataset")
+
+
 def _jsonl_texts(file: Path, text_column: str) -> Iterator[str]:
-    with open(file, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(file, "rb") as f:  # streamed: JSON-lines files can be large
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{file}:{number}: not UTF-8 text; give UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise UserError(f"{file}:{number}: not a JSON object ({e})") from None
             if not isinstance(record, dict) or text_column not in record:
                 keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import write_text_atomic
-from .training_state import METRICS_FILE, PLOTS_DIR
+from .training_state import METRICS_FILE, PLOTS_DIR, STATE_FILE
 
 KEYS = ("fvu", "auxk", "multi_topk_fvu", "dead_pct", "l0")
 
@@ -44,7 +44,7 @@ def read_metrics(run: Path) -> list[dict]:
     for line in path.read_text().splitlines():
         try:
             records.append(json.loads(line))
-        except ValueError:  # a line cut short by a crash
+        except (ValueError, RecursionError):  # a line cut short by a crash (or not ours)
             continue
     return records
 
@@ -62,12 +62,40 @@ def summary_line(name: str, fvu: float, l0: float, dead_pct: float, never_fired_
 
 
 def print_summary(result: dict) -> None:
-    """The end-of-training report: one line for the run, one per coder (FVU, L0 of the last logged steps)."""
-    verb = "Interrupted" if result["interrupted"] else "Done"
-    print(f"{verb}: {result['step']} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f} s; "
-          f"checkpoint in {result['run_dir']}")
-    for name, s in result["coders"].items():
-        print(summary_line(name, s["fvu"], s["l0"], s["dead_pct"], s["never_fired_pct"]))
+    """The end-of-training report: one line for the run, one per coder (FVU, L0 of the last logged steps).
+
+    A coder with no step logged in this session (a resumed run that was already finished, or one stopped before
+    its first log line) reports the last values of metrics.jsonl instead of NaN."""
+    coders = {name: dict(s) for name, s in result["coders"].items()}
+    unlogged = [name for name, s in coders.items() if not math.isfinite(s["fvu"])]
+    logged_at = {}
+    for record in read_metrics(result["run_dir"]) if unlogged else []:
+        for name in unlogged:
+            if isinstance(record.get(f"fvu/{name}"), (int, float)):
+                coders[name].update(fvu=record[f"fvu/{name}"], l0=record.get(f"l0/{name}") or float("nan"))
+                logged_at[name] = record.get("step")
+    total = _saved_total_steps(result["run_dir"])
+    if unlogged and len(unlogged) == len(coders) and total is not None and result["step"] >= total:
+        print(f"Nothing to train: the run in {result['run_dir']} was already finished ({result['step']} of "
+              f"{total} steps, {result['tokens']:,} tokens). To train longer, resume with a larger --max_tokens. "
+              f"Its last logged metrics:")
+    else:
+        verb = "Interrupted" if result["interrupted"] else "Done"
+        print(f"{verb}: {result['step']} steps, {result['tokens']:,} tokens in {result['elapsed_s']:.0f} s; "
+              f"checkpoint in {result['run_dir']}")
+    for name, s in coders.items():
+        line = summary_line(name, s["fvu"], s["l0"], s["dead_pct"], s["never_fired_pct"])
+        if name in unlogged:
+            line += f" [logged at step {logged_at[name]}]" if name in logged_at else " [no step logged yet]"
+        print(line)
+
+
+def _saved_total_steps(run) -> int | None:
+    try:
+        total = json.loads((Path(run) / STATE_FILE).read_text()).get("total_steps")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return None
+    return total if isinstance(total, int) else None
 
 
 def print_eval(report: dict) -> None:

@@ -179,7 +179,7 @@ def read_saelens(folder: Path) -> SaeLensCheckpoint:
     try:
         raw = json.loads(cfg_path.read_text())
         assert isinstance(raw, dict)
-    except (ValueError, AssertionError, UnicodeDecodeError):
+    except (ValueError, AssertionError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{cfg_path}: not a JSON object") from None
     where = str(cfg_path)
     cfg = _normalise_config(raw, where)

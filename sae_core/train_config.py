@@ -142,6 +142,8 @@ class TrainConfig:
             problems.append(f"run_name must be a plain folder name, got {self.run_name!r}")
         if problems:
             raise UserError("; ".join(problems))
+        if self.activations:  # stored absolute: a resume from another working directory finds the same cache
+            self.activations = os.path.abspath(os.path.expanduser(self.activations))
 
     # ---- derived values (identical on both backends) ----
 

@@ -453,8 +453,7 @@ class CacheActivationSource:
         self.batch_tokens, self.seed = batch_tokens, seed
         self.tokens_per_batch = batch_tokens
         self.batches_per_epoch = self.cache.batches_per_epoch(batch_tokens)
-        self.data_info = {"kind": self.kind, "fingerprint": f"{self.cache.total_tokens}:{len(self.cache.shards)}",
-                          "num_chunks": self.cache.total_tokens, "tokens_per_batch": batch_tokens}
+        self.data_info = self.cache.data_info(batch_tokens)
 
     def batches(self, start: int = 0) -> Iterator[dict[str, tuple[mx.array, mx.array]]]:
         for batch in self.cache.batches(self.batch_tokens, self.seed, start, self.hookpoints):

@@ -42,8 +42,9 @@ import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, load_safetensors_numpy, validate_checkpoint,
-                                 write_config)
+from sae_core import inputs
+from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, load_weights_cast, validate_checkpoint,
+                                 weights_dtype, write_config)
 from sae_core.config import SparseCoderConfig
 from sae_core.hub import coder_folders, hub_coder_folder
 
@@ -92,12 +93,30 @@ def _topk_indices(values: mx.array, k: int) -> mx.array:
 def _count_dead(dead_mask: mx.array) -> int | None:
     """The number of dead latents as a Python int (a host sync), or None inside `mx.compile`, where arrays
     cannot be evaluated."""
+    count = _read(dead_mask.sum())
+    return None if count is None else int(count)
+
+
+def _read(value: mx.array):
+    """An array's value as Python numbers (a host sync), or None inside `mx.compile`, where arrays cannot be
+    evaluated."""
     try:
-        return int(dead_mask.sum())
+        return value.tolist()
     except ValueError as error:  # "[eval] Attempting to eval an array during function transformations ..."
         if "function transformations" in str(error):
             return None
         raise
+
+
+def _info(value) -> inputs.ArrayInfo:
+    """An argument as the shared checks (sae_core.inputs) see it."""
+    if not isinstance(value, mx.array):
+        return inputs.ArrayInfo(inputs.type_name(value), None, None)
+    return inputs.ArrayInfo(None, tuple(value.shape), _dtype_name(value.dtype))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 class SparseCoder(nn.Module):
@@ -221,6 +240,7 @@ class SparseCoder(nn.Module):
             yield self.pre_acts(rows)
 
     def encode(self, x: mx.array) -> EncoderOutput:
+        inputs.check_rows("x", _info(x), self.d_in, "d_in", _dtype_name(self.dtype))
         x_in, bias = self.sparse_encoder_inputs(x)
         pres = list(self._pre_acts_chunks(x_in))
         top_indices = _cat([self.select_indices(pre) for pre in pres])
@@ -230,7 +250,20 @@ class SparseCoder(nn.Module):
 
     def decode(self, top_acts: mx.array, top_indices: mx.array,
                csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
-        assert self.W_dec is not None, "this coder was loaded with decoder=False"
+        """sum_j top_acts[:, j] * W_dec[top_indices[:, j]] + b_dec, for indices from any source: they are checked
+        to lie in [0, M) (MLX would read out of bounds; one reduction and one host read, skipped inside
+        `mx.compile`; the forward pass decodes its own indices unchecked)."""
+        if inputs.check_codes(_info(top_acts), _info(top_indices), _dtype_name(self.dtype)):
+            wide = top_indices.astype(mx.int64)
+            bounds = _read(mx.stack([wide.min(), wide.max()]))
+            if bounds is not None:
+                inputs.check_index_range(*bounds, self.num_latents)
+        return self._decode(top_acts, top_indices, csr)
+
+    def _decode(self, top_acts: mx.array, top_indices: mx.array,
+                csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        if self.W_dec is None:
+            raise ValueError("this coder was loaded with decoder=False: it cannot decode")
         return sparse_decode(top_acts, top_indices, self.W_dec, csr=csr) + self.b_dec
 
     def _latent_csr(self, indices: mx.array) -> tuple[mx.array, mx.array] | None:
@@ -240,7 +273,14 @@ class SparseCoder(nn.Module):
 
     def __call__(self, x: mx.array, y: mx.array | None = None, *,
                  dead_mask: mx.array | None = None) -> ForwardOutput:
+        inputs.check_forward(_info(x), None if y is None else _info(y), None if dead_mask is None else _info(dead_mask),
+                             self.d_in, self.d_out, self.num_latents, _dtype_name(self.dtype))
         y = x if y is None else y
+        y32 = y.astype(mx.float32)
+        total_variance = mx.square(y32 - y32.mean(axis=0)).sum()
+        total_variance_value = _read(total_variance)  # None: inside mx.compile
+        if total_variance_value is not None:
+            inputs.check_total_variance(total_variance_value, y.shape[0])
         x_in, bias = self.sparse_encoder_inputs(x)
         num_dead = None if dead_mask is None else _count_dead(dead_mask)  # None: inside mx.compile
         need_aux = dead_mask is not None and (num_dead is None or num_dead > 0)
@@ -266,10 +306,8 @@ class SparseCoder(nn.Module):
         skip = x.astype(self.W_skip.dtype) @ self.W_skip.T if self.W_skip is not None else 0
         csr = self._latent_csr(top_indices)
         top_acts = self.acts_at(x_in, bias, top_indices, top_values, csr)
-        sae_out = self.decode(top_acts, top_indices, csr) + skip
+        sae_out = self._decode(top_acts, top_indices, csr) + skip
         e = y - sae_out
-        y32 = y.astype(mx.float32)
-        total_variance = mx.square(y32 - y32.mean(axis=0)).sum()
         fvu = mx.square(e.astype(mx.float32)).sum() / total_variance
 
         auxk_loss = multi_topk_fvu = mx.zeros((), dtype=mx.float32)
@@ -319,7 +357,7 @@ class SparseCoder(nn.Module):
 
     def multi_topk_fvu(self, y: mx.array, multi_acts: mx.array, multi_indices: mx.array, skip,
                        total_variance: mx.array, csr: tuple[mx.array, mx.array] | None = None) -> mx.array:
-        multi_out = self.decode(multi_acts, multi_indices, csr) + skip
+        multi_out = self._decode(multi_acts, multi_indices, csr) + skip
         return mx.square((multi_out - y).astype(mx.float32)).sum() / total_variance
 
     forward = __call__
@@ -365,13 +403,11 @@ class SparseCoder(nn.Module):
         `W_dec` is not loaded (`b_dec` is: an autoencoder's encoder input is x - b_dec)."""
         path = Path(path)
         cfg, d_in, d_out, header = validate_checkpoint(path)
-        file_dtype = _MLX_DTYPES[header["encoder.weight"]["dtype"]]
-        if any(entry.get("dtype") == "F64" for entry in header.values() if isinstance(entry, dict)):
-            # through NumPy, cast to float32 on the host (see _MLX_DTYPES)
-            arrays, _ = load_safetensors_numpy(path / WEIGHTS_FILE)
-            state = {name: mx.array(a.astype(np.float32) if a.dtype == np.float64 else a) for name, a in arrays.items()}
+        file_dtype = _MLX_DTYPES[weights_dtype(header)]
+        if any(info["dtype"] == "F64" for info in header.values()):  # MLX's safetensors reader has no F64
+            state = {name: mx.array(value) for name, value in load_weights_cast(path, header).items()}
         else:
-            state = mx.load(str(path / WEIGHTS_FILE))
+            state = {name: tensor.astype(file_dtype) for name, tensor in mx.load(str(path / WEIGHTS_FILE)).items()}
         for name, tensor in state.items():
             check_finite(path, name, bool(mx.isfinite(tensor).all()))
         if not decoder:

@@ -50,13 +50,14 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from sae_core.activation_cache import cache_hookpoints
 from sae_core.data import default_exclude_tokens, load_token_chunks
 from sae_core.errors import UserError
 from sae_core.metrics import MetricsLog, coder_stats, plot_run
 from sae_core.train_config import TrainConfig
 from sae_core.training_state import (BEST_DIR, SigintFlag, begin_save, check_same_run, choose_run_dir, coder_names,
-                                     commit_save, debug_pause, merge_resume_config, read_coder_state,
-                                     read_run_state, write_coder_state, write_run_state)
+                                     commit_save, debug_pause, lock_run, merge_resume_config, read_coder_state,
+                                     read_run_state, unlock_run, write_coder_state, write_run_state)
 
 from .activations import (ArrayActivationSource, CacheActivationSource, choose_model_runner, load_model_source,
                           resolve_device, to_numpy)
@@ -460,6 +461,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
     run = None
     if resume and (isinstance(resume, (str, Path)) or cfg.run_name):
         run = Path(resume) if isinstance(resume, (str, Path)) else Path(cfg.save_dir).expanduser() / cfg.run_name
+        lock_run(run)  # before reading: recovery writes, and a second writer must be refused before it starts
         saved = read_run_state(run)
         if saved is None:
             raise UserError(f"nothing to resume: {run} holds no checkpoint")
@@ -470,7 +472,7 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
         source = ArrayActivationSource(source)
     if source is None and cfg.activations:
         source = CacheActivationSource(cfg.activations, cfg.batch_size * cfg.ctx_len, cfg.seed,
-                                       cfg.hookpoints or None)
+                                       cache_hookpoints(cfg))
     if source is None:
         with mx.stream(device):
             hookpoints, make_source, tokenizer = load_model_source(cfg, choose_model_runner(model_runner))
@@ -513,6 +515,8 @@ def train(cfg: TrainConfig, source=None, *, resume: bool | str = False, explicit
                             f"keep it and split the work with --grad_acc_steps N (N batches per optimizer step) or "
                             f"--micro_acc_steps N (each batch in N chunks); the last checkpoint is intact") from None
         raise
+    finally:
+        unlock_run(run)
     return result
 
 

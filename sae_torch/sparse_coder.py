@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from sae_core.checkpoint import WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, write_config
+from sae_core import inputs
+from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, validate_checkpoint, weights_dtype,
+                                 write_config)
 from sae_core.config import SparseCoderConfig
 from sae_core.hub import coder_folders, hub_coder_folder
 
@@ -23,6 +25,17 @@ from .kernels.row_subset import subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def _info(value) -> inputs.ArrayInfo:
+    """An argument as the shared checks (sae_core.inputs) see it."""
+    if not isinstance(value, Tensor):
+        return inputs.ArrayInfo(inputs.type_name(value), None, None)
+    return inputs.ArrayInfo(None, tuple(value.shape), _dtype_name(value.dtype))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class EncoderOutput(NamedTuple):
@@ -136,6 +149,7 @@ class SparseCoder(nn.Module):
             return F.linear(x_in, self.encoder.weight, self.encoder.bias).relu_()  # in place: one [N, M] tensor
 
     def encode(self, x: Tensor) -> EncoderOutput:
+        inputs.check_rows("x", _info(x), self.d_in, "d_in", _dtype_name(self.dtype))
         x_in, bias = self.sparse_encoder_inputs(x)
         pre_acts = self.pre_acts(x_in)
         top_indices = self.select_indices(pre_acts)
@@ -143,16 +157,31 @@ class SparseCoder(nn.Module):
         return EncoderOutput(top_acts, top_indices, pre_acts)
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        assert self.W_dec is not None, "this coder was loaded with decoder=False"
+        """sum_j top_acts[:, j] * W_dec[top_indices[:, j]] + b_dec, for indices from any source: they are checked
+        to lie in [0, M) (one reduction and one host read; the forward pass decodes its own indices unchecked)."""
+        if inputs.check_codes(_info(top_acts), _info(top_indices), _dtype_name(self.dtype)):
+            lowest, highest = torch.aminmax(top_indices)
+            inputs.check_index_range(*torch.stack([lowest, highest]).tolist(), self.num_latents)
+        return self._decode(top_acts, top_indices)
+
+    def _decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        if self.W_dec is None:
+            raise ValueError("this coder was loaded with decoder=False: it cannot decode")
         return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, dead_mask: Tensor | None = None) -> ForwardOutput:
+        inputs.check_forward(_info(x), None if y is None else _info(y), None if dead_mask is None else _info(dead_mask),
+                             self.d_in, self.d_out, self.num_latents, _dtype_name(self.dtype))
         y = x if y is None else y
+        # queued first so that the host read below finds it done (it only needs y)
+        total_variance = (y - y.mean(0)).float().pow(2).sum()
         x_in, bias = self.sparse_encoder_inputs(x)
         pre_acts = self.pre_acts(x_in)
         top_indices = self.select_indices(pre_acts)
         top_acts = self.acts_at(x_in, bias, top_indices, self.gather_chosen(pre_acts, top_indices))
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
+        # one scalar read; with a dead_mask the nonzero() above has already waited for the device
+        inputs.check_total_variance(float(total_variance.detach()), y.shape[0])
         num_dead = 0 if dead is None else len(dead)
         if num_dead:
             e_hat = self.aux_reconstruction(x_in, bias, pre_acts.index_select(-1, dead), dead)
@@ -162,9 +191,8 @@ class SparseCoder(nn.Module):
         del pre_acts  # only the sparse selections live on: the backward needs no dense [N, M] tensor
 
         skip = x.to(self.W_skip.dtype) @ self.W_skip.mT if self.W_skip is not None else 0
-        sae_out = self.decode(top_acts, top_indices) + skip
+        sae_out = self._decode(top_acts, top_indices) + skip
         e = y - sae_out
-        total_variance = (y - y.mean(0)).float().pow(2).sum()
         fvu = e.float().pow(2).sum() / total_variance
 
         auxk_loss = multi_topk_fvu = fvu.new_zeros(())
@@ -193,7 +221,7 @@ class SparseCoder(nn.Module):
         return scale * (e_hat.float() - e.detach().float()).pow(2).sum() / total_variance
 
     def multi_topk_fvu(self, y: Tensor, multi_acts: Tensor, multi_indices: Tensor, skip, total_variance: Tensor):
-        multi_out = self.decode(multi_acts, multi_indices) + skip
+        multi_out = self._decode(multi_acts, multi_indices) + skip
         return (multi_out - y).float().pow(2).sum() / total_variance
 
     # ---- decoder-norm utilities ----
@@ -229,8 +257,9 @@ class SparseCoder(nn.Module):
         """Load a checkpoint folder; tensors keep the file's dtype unless `dtype` is given."""
         path = Path(path)
         cfg, d_in, d_out, header = validate_checkpoint(path)
-        file_dtype = _TORCH_DTYPES[header["encoder.weight"]["dtype"]]
-        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        file_dtype = _TORCH_DTYPES[weights_dtype(header)]
+        state = {name: tensor.to(file_dtype) for name, tensor in load_file(str(path / WEIGHTS_FILE),
+                                                                           device=str(device)).items()}
         for name, tensor in state.items():
             check_finite(path, name, bool(torch.isfinite(tensor).all()))
         if not decoder:
