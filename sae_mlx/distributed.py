@@ -22,6 +22,7 @@ that step.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -47,6 +48,19 @@ def launched_by_mlx(env=os.environ) -> bool:
     if "MLX_RANK" in env and any(k in env for k in LAUNCH_ENV):
         return True
     return int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1"))) > 1
+
+
+def launched_world_size(env=os.environ) -> int:
+    """How many processes the launcher started, from what it handed this one: the JACCL device matrix (one row
+    per rank), the ring hostfile (one entry per rank; empty for one), MLX_WORLD_SIZE, or MPI's size."""
+    for key in ("MLX_IBV_DEVICES", "MLX_HOSTFILE"):
+        if env.get(key):
+            try:
+                text = open(env[key]).read().strip()
+                return len(json.loads(text)) if text else 1
+            except (OSError, ValueError):
+                return 1  # not a file of the launcher's: MLX itself reports what it makes of it
+    return int(env.get("MLX_WORLD_SIZE", env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1"))))
 
 
 class MlxComms:
@@ -126,17 +140,21 @@ _COMMS: MlxComms | None = None
 
 def init(timeout_s: float | None = None) -> MlxComms | None:
     """Join the group mlx.launch describes (ring, jaccl or MPI; MLX picks the backend from the environment);
-    None when alone."""
+    None when alone. A launch of several processes whose group MLX cannot form stops here: otherwise every rank
+    would train alone into the same run folder."""
     global _COMMS
     if _COMMS is not None:
         return _COMMS
-    if not mx.distributed.is_available():
-        return None
-    group = mx.distributed.init()
-    if group.size() <= 1:
-        if launched_by_mlx() and "MLX_JACCL_COORDINATOR" in os.environ:
-            raise UserError("mlx.launch --backend jaccl started this process, but MLX could not join the JACCL group "
-                            "(it needs macOS 26.2+ with Thunderbolt 5 RDMA enabled); use --backend ring with IPs")
+    launched = launched_world_size() if launched_by_mlx() else 1
+    group = mx.distributed.init() if mx.distributed.is_available() else None
+    size = group.size() if group is not None else 1
+    if size != launched:
+        backend = "jaccl" if "MLX_JACCL_COORDINATOR" in os.environ else "ring" if "MLX_HOSTFILE" in os.environ \
+            else "the launcher's backend"
+        raise UserError(f"mlx.launch started {launched} processes ({backend}), but MLX joined a group of {size}: "
+                        f"the ranks cannot talk (jaccl needs macOS 26.2+ with RDMA over Thunderbolt 5 enabled; the "
+                        f"ring backend needs the hosts' IP addresses, not hostnames)")
+    if size <= 1:
         return None
     timeout_s = float(os.environ.get("SAE_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
     _COMMS = MlxComms(group, timeout_s)

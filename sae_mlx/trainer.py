@@ -29,8 +29,8 @@ from sae_core.errors import UserError
 from sae_core.loop import Coder, total_loss
 from sae_core.train_config import TrainConfig
 
-from .activations import (ArrayActivationSource, CacheActivationSource, choose_model_runner, resolve_device, to_mx,
-                          to_numpy)
+from .activations import (ArrayActivationSource, CacheActivationSource, choose_model_runner, convert_batch,
+                          resolve_device, to_numpy)
 from .optim import Adam, Optimizer, flat_grads, make_optimizer
 from .sparse_coder import SparseCoder
 
@@ -249,11 +249,7 @@ class MlxBackend:
         return {"mlx-lm": "mlx", "torch": "torch"}[choose_model_runner(self._runner)]
 
     def convert_batch(self, batch: dict) -> dict:
-        out = {}
-        for hook, (x, y) in batch.items():
-            mx_x = to_mx(x)
-            out[hook] = (mx_x, mx_x if y is x else to_mx(y))
-        return out
+        return convert_batch(batch)
 
 
 def _flat(tree) -> dict:

@@ -21,7 +21,7 @@ from sae_core import loop  # noqa: E402
 from sae_core.loop import Coder, total_loss  # noqa: E402
 from sae_core.train_config import TrainConfig  # noqa: E402
 
-from .activations import ArrayActivationSource, CacheActivationSource, resolve_device, to_torch  # noqa: E402
+from .activations import ArrayActivationSource, CacheActivationSource, convert_batch, resolve_device  # noqa: E402
 from .optim import make_optimizer  # noqa: E402
 from .sparse_coder import SparseCoder  # noqa: E402
 
@@ -54,7 +54,8 @@ class TorchBackend:
         return torch.zeros(m, dtype=torch.int64, device=self.device)
 
     def to_numpy(self, array) -> np.ndarray:
-        return array.detach().cpu().numpy()
+        array = array.detach().cpu()
+        return (array.float() if array.dtype == torch.bfloat16 else array).numpy()
 
     def from_numpy(self, array):
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -148,11 +149,7 @@ class TorchBackend:
         return "torch"
 
     def convert_batch(self, batch: dict) -> dict:
-        out = {}
-        for hook, (x, y) in batch.items():
-            tx = to_torch(x).to(self.device)
-            out[hook] = (tx, tx if y is x else to_torch(y).to(self.device))
-        return out
+        return convert_batch(batch, self.device)
 
 
 class Trainer(loop.Loop):

@@ -252,6 +252,52 @@ def test_mlx_launch_cli(tmp_path):
     assert sorted(state["coders"]) == list(HOOKS) and state["step"] == 4 and state["tokens"] == 4 * ROWS
 
 
+def test_launches_of_every_mlx_backend_are_recognised(tmp_path):
+    """What mlx.launch (MLX 0.32, mlx/_distributed_utils/launch.py) hands each process, per backend: all set
+    MLX_RANK; ring adds MLX_HOSTFILE (a file: JSON list, one entry per rank, empty for one process), jaccl
+    MLX_JACCL_COORDINATOR and MLX_IBV_DEVICES (a file: one row of RDMA devices per rank), nccl MLX_WORLD_SIZE."""
+    from sae_mlx.distributed import launched_by_mlx, launched_world_size
+
+    ring, single, devices = tmp_path / "ring.json", tmp_path / "single", tmp_path / "ibv.json"
+    ring.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5000"]]))
+    single.write_text("")
+    devices.write_text(json.dumps([[None, "rdma_en2"], ["rdma_en2", None]]))
+    launches = {
+        "ring": ({"MLX_RANK": "1", "MLX_HOSTFILE": str(ring)}, 2),
+        "ring, one host": ({"MLX_RANK": "0", "MLX_HOSTFILE": str(single)}, 1),
+        "jaccl": ({"MLX_RANK": "0", "MLX_JACCL_COORDINATOR": "10.0.0.1:32323", "MLX_IBV_DEVICES": str(devices)}, 2),
+        "nccl": ({"MLX_RANK": "0", "MLX_WORLD_SIZE": "4", "NCCL_HOST_IP": "10.0.0.1"}, 4),
+        "mpi": ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),
+    }
+    for name, (env, world) in launches.items():
+        assert launched_by_mlx(env) == (world > 1 or "MLX_RANK" in env), name
+        assert launched_world_size(env) == world, name
+    assert not launched_by_mlx({}) and not launched_by_mlx({"MLX_RANK": "0"})  # a stray MLX_RANK alone is no launch
+
+
+def test_a_jaccl_launch_whose_group_cannot_form_stops_every_rank(tmp_path):
+    """The real launcher with `--backend jaccl` (two local processes, RDMA devices named as on a Mac): MLX cannot
+    form the JACCL group here (no RDMA on Linux) and gives each process a group of one; a rank must stop with one
+    clear error instead of training alone into the shared run folder (the launcher then ends the others)."""
+    cache = write_cache(tmp_path / "cache")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"backend": "jaccl", "hosts": [
+        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": [None, "rdma_en2"]},
+        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": ["rdma_en2", None]}]}))
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    cmd = [str(launcher), "--hostfile", str(hostfile), "--starting-port", str(free_port()), "--", sys.executable,
+           "-m", "sae_mlx", "train", "--activations", str(cache), "--batch_size", "2", "--ctx_len", "48",
+           "--max_tokens", str(4 * ROWS), "--k", "4", "--expansion_factor", "4", "--save_dir", str(tmp_path / "runs"),
+           "--run_name", "jaccl", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "exited with code 2" in p.stderr, p.stderr[-3000:]  # (mlx.launch itself exits 0)
+    assert all("mlx.launch started 2 processes (jaccl), but MLX joined a group of 1" in e for e in errors), errors
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "runs" / "jaccl").exists()  # nobody trained
+
+
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     sys.path.insert(0, str(REPO))
     worker(json.loads(sys.argv[2]))

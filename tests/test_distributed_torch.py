@@ -211,9 +211,9 @@ def test_distribute_modules_trains_every_hookpoint_once(runs):
     """3 hookpoints on 2 ranks (rank 0: layers.0 and layers.1, rank 1: layers.2): each coder is trained by its
     owner alone on the full batches, so it equals the 1-rank run's (bit for bit here: same math, same order);
     a coder trained twice, or not at all, would not. One checkpoint holds all three."""
+    from sae_core.loop import owners
     from sae_core.metrics import read_metrics
     from sae_core.training_state import read_run_state
-    from sae_core.loop import owners
 
     assert owners({h: h for h in HOOKS}, 2) == {"layers.0": 0, "layers.1": 0, "layers.2": 1}
     save_dir, res = runs

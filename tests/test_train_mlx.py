@@ -374,6 +374,42 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
     assert {**fresh, "model_dtype": None} == {**state["data"], "model_dtype": None}  # the same token chunks
 
 
+# Run with torch unimportable (sys.modules["torch"] = None: `import torch` raises, find_spec says "not installed"),
+# which is what a Mac user with only mlx, mlx-lm (and its transformers) has.
+WITHOUT_TORCH = """
+import json, sys
+sys.modules["torch"] = None
+from sae_core.config import SparseCoderConfig
+from sae_core.train_config import TrainConfig
+from sae_mlx.trainer import train
+cfg = TrainConfig(**json.loads(sys.argv[1]), sae=SparseCoderConfig(k=8, expansion_factor=4))
+result = train(cfg, progress=False, plots=False)
+from sae_mlx.activations import model_path
+builtin = str(model_path("builtin:smollm2"))  # the materialised built-in model, found without torch
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sae_torch") and sys.modules[m] is not None)
+print(json.dumps({"step": result["step"], "fvu": result["coders"]["layers.1"]["fvu"], "loaded": loaded,
+                  "builtin": builtin}))
+"""
+
+
+def test_mlx_trains_without_torch(tiny_model_dir, smollm2_path, tmp_path):
+    """MLX and mlx-lm alone train a model end to end (the default runner falls back to mlx-lm when torch is not
+    installed) and find the built-in model once it is materialised; nothing of torch or sae_torch is imported."""
+    pytest.importorskip("mlx_lm", reason="the mlx-lm model runner needs the optional package mlx-lm")
+    import json
+
+    cfg = dict(model=str(tiny_model_dir), hookpoints=["layers.1"], ctx_len=32, batch_size=4, max_tokens=32 * 4 * 3,
+               lr=1e-3, save_dir=str(tmp_path / "runs"), run_name="no-torch", log_every=1, device="cpu")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SAE_MLX_MODEL_RUNNER": ""}
+    done = subprocess.run([PYTHON, "-c", WITHOUT_TORCH, json.dumps(cfg)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["step"] == 3 and np.isfinite(out["fvu"]) and out["loaded"] == []
+    assert out["builtin"] == str(smollm2_path)
+    assert read_run_state(tmp_path / "runs" / "no-torch")["data"]["model_dtype"] == "float32"
+
+
 @needs_train_deps
 def test_harvest_then_train_from_cache_on_either_backend(tiny_cfg, tmp_path):
     """An activation cache (written here by the MLX harvest, torch model runner) trains both backends; resuming
