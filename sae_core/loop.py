@@ -28,7 +28,6 @@ in the 1-rank layout. With `distribute_modules` (torch) the coders are split ove
 """
 from __future__ import annotations
 
-import importlib
 import math
 import shutil
 import sys
@@ -40,9 +39,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .data import check_dataset, default_exclude_tokens, load_token_chunks, token_batches
+from .data import check_dataset, default_exclude_tokens, load_token_chunks
 from .errors import UserError
 from .metrics import MetricsLog, coder_stats, plot_run
+from .sources import ShardedSource, load_model_source
 from .train_config import TrainConfig
 from .training_state import (BEST_DIR, SAVING, SigintFlag, begin_save, check_same_run, choose_run_dir, coder_names,
                              commit_save, debug_pause, merge_resume_config, read_coder_state, read_run_state,
@@ -456,76 +456,6 @@ def owners(coder_hooks: dict[str, str], world: int) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Activation sources shared by the backends
-# ---------------------------------------------------------------------------------------------------------------
-
-class ShardedSource:
-    """Data parallel: the same global batch order and position on every rank, each rank gets its contiguous slice.
-    A language-model source is sliced by sequences before the model runs (each rank runs the model on its part)."""
-
-    def __init__(self, source, rank: int, world: int, mean):
-        self._source, self.rank, self.world, self._mean = source, rank, world, mean
-        self.first_mean: dict = {}  # {hook: mean of the first global batch's y}, when every rank has the batch
-
-    def __getattr__(self, name):  # hookpoints, widths, tokens_per_batch (global), batches_per_epoch, data_info, ...
-        return getattr(self._source, name)
-
-    def _bounds(self, n: int) -> tuple[int, int]:
-        cuts = np.linspace(0, n, self.world + 1).round().astype(int)
-        return int(cuts[self.rank]), int(cuts[self.rank + 1])
-
-    def batches(self, start: int = 0):
-        src = self._source
-        if getattr(src, "kind", None) == "model":
-            for tokens in token_batches(src.chunks, src.batch_size, src.seed, start):
-                lo, hi = self._bounds(len(tokens))
-                yield src.activations(tokens[lo:hi])
-            return
-        for number, batch in enumerate(src.batches(start=start), start):
-            out = {}
-            for hook, (x, y) in batch.items():
-                if number == 0:  # b_dec's initial value, computed exactly as a 1-rank run does
-                    self.first_mean[hook] = self._mean(y)
-                lo, hi = self._bounds(x.shape[0])
-                out[hook] = (x[lo:hi], x[lo:hi] if y is x else y[lo:hi])
-            yield out
-
-
-class ConvertedSource:
-    """A model runner's activation source (e.g. torch's transformers runner for the MLX backend) whose batches are
-    converted to another backend's arrays; same data order and data_info."""
-
-    def __init__(self, source, convert):
-        self.inner, self._convert = source, convert
-
-    def __getattr__(self, name):  # kind, hookpoints, widths, chunks, batch_size, seed, data_info, ...
-        return getattr(self.inner, name)
-
-    def batches(self, start: int = 0):
-        for batch in self.inner.batches(start=start):
-            yield self._convert(batch)
-
-    def activations(self, tokens: np.ndarray) -> dict:
-        return self._convert(self.inner.activations(tokens))
-
-
-def load_model_source(cfg: TrainConfig, backend: Backend, runner: str | None = None, dtype: str | None = None):
-    """Load cfg.model with a model runner (`sae_<runner>.activations`, found by name so that no backend imports
-    the other); returns (hookpoints, make_source(chunks, exclude_tokens, batch_size=None), tokenizer, dtype name)
-    with the source's batches in `backend`'s arrays. `dtype` (a name) overrides cfg.dtype."""
-    runner = runner or backend.model_runner(cfg)
-    try:
-        module = importlib.import_module(f"sae_{runner}.activations")
-    except ModuleNotFoundError as e:
-        raise UserError(f"the {runner} model runner needs the package {e.name!r}; install it or choose another "
-                        f"runner") from None
-    hookpoints, make, tokenizer, dtype = module.load_model_source(cfg, dtype)
-    if runner == backend.name:
-        return hookpoints, make, tokenizer, dtype
-    return hookpoints, (lambda *a, **kw: ConvertedSource(make(*a, **kw), backend.convert_batch)), tokenizer, dtype
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Setup: config -> activation source -> run folder -> loop
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -555,8 +485,7 @@ def _choose_run_dir(comms, *args) -> Path:
 
 def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: bool | str = False,
           explicit: set[str] | None = None, overwrite: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None, plots: bool = True, comms=None, model_runner: str | None = None
-          ) -> dict:
+          stop_after_steps: int | None = None, plots: bool = True, comms=None) -> dict:
     """Shared body of `sae_torch.trainer.train` and `sae_mlx.trainer.train` (read their docstrings).
     `make_backend(cfg)` gives the Backend for the (resumed) config, `make_loop(cfg, source, run, saved, backend,
     **options)` the backend's Loop."""
@@ -582,8 +511,7 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
         if source is None:
             check_dataset(cfg.dataset)  # before the (slow) model load
             model_dtype = (saved or {}).get("data", {}).get("model_dtype")
-            hookpoints, make_source, tokenizer, model_dtype = load_model_source(cfg, backend, model_runner,
-                                                                                model_dtype)
+            hookpoints, make_source, tokenizer, model_dtype = load_model_source(cfg, backend, dtype=model_dtype)
         else:
             hookpoints = source.hookpoints
             if source.transcode != cfg.sae.transcode:
@@ -598,7 +526,7 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
             if saved is not None and saved["data"].get("model_dtype") not in (None, model_dtype):
                 # `dtype auto` resolved differently here (another runner or device): keep the run's precision
                 hookpoints, make_source, tokenizer, model_dtype = load_model_source(
-                    cfg, backend, model_runner, saved["data"]["model_dtype"])
+                    cfg, backend, dtype=saved["data"]["model_dtype"])
             exclude = default_exclude_tokens(tokenizer) if cfg.exclude_tokens is None else cfg.exclude_tokens
             limit = cfg.max_tokens if saved is None else saved["data"].get("read_tokens", cfg.max_tokens)
             chunks = load_token_chunks(cfg.dataset, cfg.split, tokenizer, cfg.ctx_len, limit, cfg.text_column)

@@ -38,7 +38,7 @@ def builtin_model_path() -> Path:
         print(f"Materialising SmolLM2-135M from {ggufs[0].name} into {final} (once, about 40 s)...", flush=True)
         if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
             raise UserError("materialising the built-in model (once) needs torch and transformers to read its GGUF "
-                            "file; install them, or pass --model with an mlx-lm model (a hub name or folder)")
+                            "file (pip install -e '.[torch,train]'), or pass --model (a hub name or a folder)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_FOLDER}-", dir=root))

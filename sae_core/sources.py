@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .activation_cache import ActivationCache
-from .data import BatchOrder, exclude_mask, fingerprint
+from .data import BatchOrder, exclude_mask, fingerprint, token_batches
 from .errors import UserError
 from .train_config import default_layer
 
@@ -181,20 +182,84 @@ class ArraySource:
             batch = None if nxt is None else self._convert(nxt)
 
 
+class ShardedSource:
+    """Data parallel: the same global batch order and position on every rank, each rank gets its contiguous slice.
+    A language-model source is sliced by sequences before the model runs (each rank runs the model on its part)."""
+
+    def __init__(self, source, rank: int, world: int, mean):
+        self._source, self.rank, self.world, self._mean = source, rank, world, mean
+        self.first_mean: dict = {}  # {hook: mean of the first global batch's y}, when every rank has the batch
+
+    def __getattr__(self, name):  # hookpoints, widths, tokens_per_batch (global), batches_per_epoch, data_info, ...
+        return getattr(self._source, name)
+
+    def _bounds(self, n: int) -> tuple[int, int]:
+        cuts = np.linspace(0, n, self.world + 1).round().astype(int)
+        return int(cuts[self.rank]), int(cuts[self.rank + 1])
+
+    def batches(self, start: int = 0):
+        src = self._source
+        if getattr(src, "kind", None) == "model":
+            for tokens in token_batches(src.chunks, src.batch_size, src.seed, start):
+                lo, hi = self._bounds(len(tokens))
+                yield src.activations(tokens[lo:hi])
+            return
+        for number, batch in enumerate(src.batches(start=start), start):
+            out = {}
+            for hook, (x, y) in batch.items():
+                if number == 0:  # b_dec's initial value, computed exactly as a 1-rank run does
+                    self.first_mean[hook] = self._mean(y)
+                lo, hi = self._bounds(x.shape[0])
+                out[hook] = (x[lo:hi], x[lo:hi] if y is x else y[lo:hi])
+            yield out
+
+
+class ConvertedSource:
+    """A model runner's activation source (e.g. torch's transformers runner for the MLX backend) whose batches are
+    converted to another backend's arrays; same data order and data_info."""
+
+    def __init__(self, source, convert):
+        self.inner, self._convert = source, convert
+
+    def __getattr__(self, name):  # kind, hookpoints, widths, chunks, batch_size, seed, data_info, ...
+        return getattr(self.inner, name)
+
+    def batches(self, start: int = 0):
+        for batch in self.inner.batches(start=start):
+            yield self._convert(batch)
+
+    def activations(self, tokens: np.ndarray) -> dict:
+        return self._convert(self.inner.activations(tokens))
+
+
+def load_model_source(cfg, backend, runner: str | None = None, dtype: str | None = None):
+    """Load cfg.model with a model runner (`sae_<runner>.activations`, found by name so that no backend imports
+    the other); returns (hookpoints, make_source(chunks, exclude_tokens, batch_size=None), tokenizer, dtype name)
+    with the source's batches in `backend`'s arrays. `dtype` (a name) overrides cfg.dtype."""
+    runner = runner or backend.model_runner(cfg)
+    try:
+        module = importlib.import_module(f"sae_{runner}.activations")
+    except ModuleNotFoundError as e:
+        raise UserError(f"the {runner} model runner needs the package {e.name!r}; install it or choose another "
+                        f"runner") from None
+    hookpoints, make, tokenizer, dtype = module.load_model_source(cfg, dtype)
+    if runner == backend.name:
+        return hookpoints, make, tokenizer, dtype
+    return hookpoints, (lambda *a, **kw: ConvertedSource(make(*a, **kw), backend.convert_batch)), tokenizer, dtype
+
+
 def harvest(out: str | Path, cfg, backend, *, save_dtype: str = "float32", shard_tokens: int = 65536,
-            overwrite: bool = False, progress: bool = True, model_runner: str | None = None) -> dict:
-    """Run cfg.model over cfg.dataset (one pass over the split, or cfg.max_tokens tokens) with a model runner
-    (sae_core.loop.load_model_source) and store the hookpoints' activations as an activation cache
+            overwrite: bool = False, progress: bool = True) -> dict:
+    """Run cfg.model over cfg.dataset (one pass over the split, or cfg.max_tokens tokens) with the backend's model
+    runner (`load_model_source`) and store the hookpoints' activations as an activation cache
     (sae_core.activation_cache), which either backend trains on."""
     from tqdm.auto import tqdm
 
     from .activation_cache import CacheWriter
     from .data import default_exclude_tokens, load_token_chunks
-    from .loop import load_model_source
-
     cfg.validate()
     with backend.scope():
-        hookpoints, make_source, tokenizer, _ = load_model_source(cfg, backend, model_runner)
+        hookpoints, make_source, tokenizer, _ = load_model_source(cfg, backend)
         chunks = load_token_chunks(cfg.dataset, cfg.split, tokenizer, cfg.ctx_len, cfg.max_tokens, cfg.text_column)
         if cfg.max_tokens is not None:
             chunks = chunks[: max(1, -(-cfg.max_tokens // cfg.ctx_len))]

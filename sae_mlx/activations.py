@@ -363,7 +363,7 @@ def convert_batch(batch: dict) -> dict[str, tuple[mx.array, mx.array]]:
 
 
 def load_model_source(cfg, dtype: str | None = None):
-    """The mlx-lm model runner (sae_core.loop.load_model_source): load cfg.model; returns (hookpoints,
+    """The mlx-lm model runner (sae_core.sources.load_model_source): load cfg.model; returns (hookpoints,
     make_source(chunks, exclude_tokens, batch_size=cfg.batch_size), tokenizer, model dtype name). `dtype`: the
     model dtype by name, overriding cfg.dtype (a resumed run keeps the one it started with)."""
     mx_dtype = resolve_dtype(dtype or cfg.dtype)
@@ -382,8 +382,7 @@ def harvest(out: str | Path, cfg, *, save_dtype: str = "float32", shard_tokens: 
     from .trainer import MlxBackend
 
     return harvest_cache(out, cfg, MlxBackend(resolve_device(cfg.device), model_runner=model_runner),
-                         save_dtype=save_dtype, shard_tokens=shard_tokens, overwrite=overwrite, progress=progress,
-                         model_runner=None)
+                         save_dtype=save_dtype, shard_tokens=shard_tokens, overwrite=overwrite, progress=progress)
 
 
 __all__ = ["ArrayActivationSource", "CacheActivationSource", "ModelActivationSource",

@@ -241,7 +241,7 @@ def convert_batch(batch: dict, device: torch.device) -> dict[str, tuple[Tensor, 
 
 
 def load_model_source(cfg, dtype: str | None = None):
-    """The torch model runner (sae_core.loop.load_model_source): load cfg.model; returns (hookpoints,
+    """The torch model runner (sae_core.sources.load_model_source): load cfg.model; returns (hookpoints,
     make_source(chunks, exclude_tokens, batch_size=cfg.batch_size), tokenizer, model dtype name). `dtype`: the
     model dtype by name, overriding cfg.dtype (a resumed run keeps the one it started with)."""
     device = resolve_device(cfg.device)
