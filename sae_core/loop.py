@@ -50,7 +50,7 @@ from .training_state import (BEST_DIR, SAVING, SigintFlag, begin_save, check_sam
 
 
 def total_loss(fvu, auxk, multi_topk_fvu, auxk_alpha: float):
-    """The training loss (SPEC section 2), for numbers or arrays of any framework."""
+    """The training loss (docs/SPEC.md, the forward pass), for numbers or arrays of any framework."""
     return fvu + auxk_alpha * auxk + multi_topk_fvu / 8
 
 
@@ -86,7 +86,8 @@ class Backend(Protocol):
 
 
 class SingleProcess:
-    """The trivial `Comms`: one process, which writes everything."""
+    """The trivial `Comms`: one process, which writes everything. A Comms has `rank`, `world` and these methods;
+    the `what` arguments name the collective in the error a lost rank causes."""
     rank, world = 0, 1
 
     def all_sum(self, array, what: str):
