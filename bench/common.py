@@ -15,6 +15,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from sae_core.loop import total_loss
+
 AUXK_ALPHA = 1 / 32  # SPEC section 3 default (ours); sparsify's default is 0, so both are given this explicitly
 SIGNUM_MOMENTUM = 0.95
 
@@ -251,7 +253,7 @@ def train_step(sae, opt, x, dead_mask, device: str, marks: dict | None = None):
     mark("forward")
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         out = sae(x, dead_mask=dead_mask)
-    loss = out.fvu + AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8
+    loss = total_loss(out.fvu, out.auxk_loss, out.multi_topk_fvu, AUXK_ALPHA)
     mark("backward")
     loss.backward()
     mark("optimizer")

@@ -18,6 +18,7 @@ def run_mlx(args) -> dict:
     from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
     from bench.common import AUXK_ALPHA, SIGNUM_MOMENTUM, BenchConfig, initial_state, make_data, summarize
+    from sae_core.loop import total_loss
 
     try:
         from sae_mlx import SparseCoder
@@ -40,7 +41,7 @@ def run_mlx(args) -> dict:
 
     def loss_fn(model, x, dead):
         out = model(x, dead_mask=dead)
-        return out.fvu + AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8
+        return total_loss(out.fvu, out.auxk_loss, out.multi_topk_fvu, AUXK_ALPHA)
 
     value_and_grad = nn.value_and_grad(sae, loss_fn)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sae_core.loop import total_loss
 from sae_core.reference import (decode_latents, encoder_input, pre_activations, reconstruct, select_indices,
                                 selection_violation, topk_indices)
 
@@ -116,7 +117,7 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
         multi_acts, multi_out = output(selection.multi_indices)
         multi_fvu = ((multi_out - y) ** 2).sum() / total_variance
 
-    loss = fvu + auxk_alpha * auxk_loss + multi_fvu / 8
+    loss = total_loss(fvu, auxk_loss, multi_fvu, auxk_alpha)
     result = OracleResult(sae_out, acts, selection.indices, float(fvu), float(auxk_loss), float(multi_fvu),
                           float(loss), pre, selection)
     if not grads:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sae_core.loop import total_loss
+
 from .fixtures import Case
 from .oracle import Selection
 
@@ -33,7 +35,7 @@ def run_torch(case: Case, dtype: str = "float32", device: str = "cpu", auxk_alph
     dead = None if case.dead_mask is None else torch.from_numpy(case.dead_mask).to(device)
 
     out = sae(x, y, dead_mask=dead)
-    loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+    loss = total_loss(out.fvu, out.auxk_loss, out.multi_topk_fvu, auxk_alpha)
     loss.backward()
 
     with torch.no_grad():
@@ -80,7 +82,7 @@ def run_mlx(case: Case, dtype: str = "float32", auxk_alpha: float = LOSS_AUXK_AL
 
     def loss_fn(model, x, y, dead):
         out = model(x, y, dead_mask=dead)
-        return out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8, out
+        return total_loss(out.fvu, out.auxk_loss, out.multi_topk_fvu, auxk_alpha), out
 
     value_and_grad = nn.value_and_grad(sae, loss_fn)
     if not compiled:

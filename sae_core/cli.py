@@ -1,4 +1,5 @@
-"""The `sae` command: train, eval, harvest, convert, parity. Framework-free; the work is done by a backend.
+"""The `sae` command: train, eval, harvest, convert, parity. Framework-free; the work is done by a backend (or, for
+`parity`, by the checkout's `python -m parity`).
 
 A backend `sae_<name>` (torch or mlx) provides:
     sae_<name>.trainer.train(cfg, source=None, *, resume, explicit, overwrite, progress) -> result dict
@@ -20,6 +21,7 @@ import importlib
 import inspect
 import os
 import platform
+import subprocess
 import sys
 import typing
 from dataclasses import fields
@@ -31,18 +33,6 @@ from .train_config import DTYPES, OPTIMIZERS, TrainConfig
 
 BACKENDS = ("auto", "torch", "mlx")
 CHOICES = {"optimizer": OPTIMIZERS, "dtype": DTYPES, "activation": ACTIVATIONS}
-
-SAE_HELP = {
-    "activation": "latent selection: topk (k largest) or groupmax (max of each of k groups)",
-    "expansion_factor": "latents per input dimension (M = d_in * expansion_factor when num_latents is 0)",
-    "normalize_decoder": "keep decoder rows at unit norm",
-    "num_latents": "number of latents M; 0 means d_in * expansion_factor",
-    "k": "active latents per token",
-    "multi_topk": "add the Multi-TopK loss (4k latents, weight 1/8)",
-    "skip_connection": "add a linear skip connection W_skip",
-    "transcode": "train a transcoder: predict the hookpoint module's output from its input",
-}
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line `error: ...` (exit 2) like every other user mistake, instead of the
@@ -108,14 +98,14 @@ def _add_field(group, name: str, annotation, default, help_text: str, dest: str)
 
 def add_train_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     """One flag per TrainConfig field (and per SparseCoderConfig field, under the same flat names)."""
-    docs = _field_docs(TrainConfig)
+    docs, sae_docs = _field_docs(TrainConfig), _field_docs(SparseCoderConfig)
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
     sae_group = parser.add_argument_group("sparse coder")
     for f in fields(SparseCoderConfig):
         if only is None or f.name in only:
             _add_field(sae_group, f.name, typing.get_type_hints(SparseCoderConfig)[f.name],
-                       getattr(defaults.sae, f.name), SAE_HELP.get(f.name, ""), f"sae.{f.name}")
+                       getattr(defaults.sae, f.name), sae_docs.get(f.name, ""), f"sae.{f.name}")
     group = parser.add_argument_group("training")
     for f in fields(TrainConfig):
         if f.name == "sae" or (only is not None and f.name not in only):
@@ -179,9 +169,11 @@ def _cmd_train(args) -> int:
     cfg, given = config_from_args(args)
     resume = args.resume if args.resume not in (None, False) else False
     _precheck(cfg, resume)
-    trainer = backend_module(resolve_backend(args.backend), "trainer")
-    result = trainer.train(cfg, resume=resume, explicit=given, overwrite=args.overwrite,
-                           progress=not args.quiet, plots=args.plots)
+    train = args.train or backend_module(resolve_backend(args.backend), "trainer").train
+    result = train(cfg, resume=resume, explicit=given, overwrite=args.overwrite, progress=not args.quiet,
+                   plots=args.plots)
+    if result.get("rank", 0) != 0:  # a distributed run: the summary is rank 0's to print
+        return 130 if result["interrupted"] else 0
     print_summary(result)
     if result["interrupted"]:
         print(f"Resume with: sae train --resume {result['run_dir']}")
@@ -320,15 +312,19 @@ def _delegate(command: str, argv: list[str]) -> int:
         except ImportError as e:
             raise UserError(f"`sae convert` is not available ({e})") from None
         return int(convert.main(argv) or 0)
-    try:
-        parity_main = importlib.import_module("parity.__main__").main
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"`sae parity` is not available in this installation ({e}); "
-                        f"run from a checkout with the parity package") from None
-    return int(parity_main(argv) or 0)
+    # The parity suite is a tool of the source checkout (fixtures, oracle, Metal harness), not an installed package,
+    # so it runs as `python -m parity` from the checkout this package lives in, in a child process.
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "parity" / "__main__.py").is_file():
+        raise UserError("`sae parity` is not available in this installation: it runs the parity suite of a source "
+                        "checkout (python -m parity from the repository root)")
+    path = os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "parity", *argv], env={**os.environ, "PYTHONPATH": path}).returncode
 
 
-def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
+def main(argv: list[str] | None = None, default_backend: str = "auto", train=None) -> int:
+    """The `sae` command. `train`: the train function to use (sae_*.distributed's, under a distributed launch);
+    default: the chosen backend's."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch's first matmul: see sae_torch/trainer.py
     # torch reads this at its first CPU allocation: tensors of 2 MB and more get transparent huge pages, so a fresh
@@ -340,6 +336,7 @@ def main(argv: list[str] | None = None, default_backend: str = "auto") -> int:
             return _delegate(argv[0], argv[1:])
         parser = build_parser(default_backend)
         args = parser.parse_args(argv)
+        args.train = train
         if args.command is None:
             parser.print_help()
             return 2

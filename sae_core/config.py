@@ -11,14 +11,23 @@ ACTIVATIONS = ("topk", "groupmax")
 
 @dataclass
 class SparseCoderConfig:
+    """Field docstrings are the CLI's --help (sae_core.cli)."""
     activation: str = "topk"
+    """Latent selection: topk (k largest) or groupmax (max of each of k groups)."""
     expansion_factor: int = 32
+    """Latents per input dimension (M = d_in * expansion_factor when num_latents is 0)."""
     normalize_decoder: bool = True
-    num_latents: int = 0  # 0 means d_in * expansion_factor
+    """Keep decoder rows at unit norm."""
+    num_latents: int = 0
+    """Number of latents M; 0 means d_in * expansion_factor."""
     k: int = 32
+    """Active latents per token."""
     multi_topk: bool = False
+    """Add the Multi-TopK loss (4k latents, weight 1/8)."""
     skip_connection: bool = False
+    """Add a linear skip connection W_skip."""
     transcode: bool = False
+    """Train a transcoder: predict the hookpoint module's output from its input."""
 
     def num_latents_for(self, d_in: int) -> int:
         return self.num_latents or d_in * self.expansion_factor

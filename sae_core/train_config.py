@@ -90,7 +90,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of the data order."""
     dtype: str = "auto"
-    """Model dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16, float16."""
+    """Language-model dtype: auto (bfloat16 on a GPU: CUDA, Metal/MPS; float32 on a CPU; the same rule in both model
+    runners), float32, bfloat16, float16. The resolved dtype is part of the run (state.json data.model_dtype): a
+    resume keeps it, whichever runner or device resumes."""
     device: str = "auto"
     """auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."""
     distribute_modules: bool = False

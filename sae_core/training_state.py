@@ -30,7 +30,9 @@ With several init_seeds a coder is named `<hookpoint>/seed<n>` and its folder ne
     lr                            {coder: base learning rate}
     coders                        {coder: {hookpoint, seed, d_in, d_out, num_latents}}
     best_fvu                      {coder: lowest FVU saved to best/} (keep_best)
-    data                          {kind, fingerprint, num_chunks, tokens_per_batch}: checked on resume
+    data                          {kind, fingerprint, num_chunks, tokens_per_batch}: checked on resume; a model
+                                  source adds read_tokens and model_dtype (the language model's resolved dtype,
+                                  which a resume keeps, whichever runner or device resumes)
     rng                           {init_seeds, data_seed}: no randomness is drawn after initialisation, and the
                                   data order is a function of (data_seed, batch number), so seeds are the RNG state
     train_config                  TrainConfig.to_dict()

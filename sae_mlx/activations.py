@@ -1,16 +1,13 @@
-"""Activations for training, MLX side: an mlx-lm language model with wrapped modules, a torch HuggingFace model
-(run by `sae_torch.activations`, handed over as arrays), an activation cache, or arrays from the caller. Every
-source yields batches `{hookpoint: (x, y)}` of [N, d] `mx.array`s (N tokens, excluded tokens already dropped; y is
-x for an autoencoder, the module's output for a transcoder whose x is the module's input) and can start at any
-batch number, which is how a run resumes. The mirror of `sae_torch/activations.py`; the sources have the same
-attributes (`hookpoints`, `widths`, `transcode`, `tokens_per_batch`, `batches_per_epoch`, `data_info`) and the
-same `data_info`, so a checkpoint written by one backend resumes on the other.
+"""Activations for training, MLX side: an mlx-lm language model with wrapped modules, an activation cache, or
+arrays from the caller, as `mx.array`s; the shared parts (memo, cache streaming, hookpoint patterns, harvest) are
+sae_core.sources'. A transformers model (torch's model runner, `sae_torch.activations`) is reached by name through
+sae_core.loop when torch is installed, its batches converted to mx.arrays; this module never imports torch's.
 
 Which runs the language model (`model_runner`): `mlx-lm` (the model converted to MLX by the optional `mlx-lm`
 package; fast on Apple silicon) or `torch` (transformers on CPU/CUDA, its activations converted to MLX: on Linux,
 where MLX's CPU matmul is a slow single-threaded reference BLAS, this is much faster). `auto` picks mlx-lm when
 Metal is available and mlx-lm is installed, else torch when installed, else mlx-lm. The environment variable
-`SAE_MLX_MODEL_RUNNER` sets the default.
+`SAE_MLX_MODEL_RUNNER` sets the default. MLX alone (with mlx-lm) trains without torch.
 
 Hookpoints have the torch side's names: module names under the model's base model (`model.model` for mlx-lm
 models, `model.base_model` in transformers) matched with fnmatch patterns: `layers.6` is the output of decoder
@@ -20,23 +17,22 @@ token chunks (same data fingerprint).
 from __future__ import annotations
 
 import contextlib
-import difflib
-import fnmatch
 import functools
 import importlib.util
 import os
-import re
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from sae_core.activation_cache import ActivationCache
-from sae_core.data import BatchOrder, exclude_mask, fingerprint
+from sae_core.data import exclude_mask
 from sae_core.errors import UserError
-from sae_core.train_config import BUILTIN_MODEL, default_layer
+from sae_core.models import builtin_model_path
+from sae_core.sources import ArraySource, CacheSource, ModelSource, resolve_hookpoint_names
+from sae_core.sources import harvest as harvest_cache
+from sae_core.train_config import BUILTIN_MODEL
 
 MODEL_RUNNERS = ("auto", "mlx-lm", "torch")
 
@@ -64,6 +60,9 @@ def _gpu_available() -> bool:
         return True
     cuda = getattr(mx, "cuda", None)
     return bool(cuda is not None and getattr(cuda, "is_available", lambda: False)())
+
+
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
 def resolve_dtype(dtype: str) -> mx.Dtype:
@@ -124,8 +123,6 @@ def choose_model_runner(runner: str | None = None) -> str:
 def model_path(name: str) -> Path | str:
     """The folder or hub name of `name`; `builtin:smollm2` is materialised by the torch side once."""
     if name == BUILTIN_MODEL:
-        from sae_torch.activations import builtin_model_path  # needs torch + transformers, once
-
         return builtin_model_path()
     if name.startswith("builtin:"):
         raise UserError(f"unknown built-in model {name!r}; the built-in model is {BUILTIN_MODEL}")
@@ -190,10 +187,6 @@ def base_model(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def _module_names(base: nn.Module) -> list[str]:
     return [name for name, _ in base.named_modules() if name]
 
@@ -227,29 +220,10 @@ def layer_list_name(model: nn.Module) -> str:
 
 def resolve_hookpoints(model: nn.Module, patterns: list[str], layers: list[int] | None = None,
                        layer_stride: int = 1) -> list[str]:
-    """Module names matching `patterns` (fnmatch) or `layers` (indices); default: the middle layer."""
+    """Module names matching `patterns` (fnmatch) or `layers` (indices); default: train_config.default_layer."""
     base = base_model(model)
-    names = _module_names(base)
-    if layers:
-        prefix = layer_list_name(model)
-        count = len(base[prefix])
-        bad = [i for i in layers if not 0 <= i < count]
-        if bad:
-            raise UserError(f"layer(s) {bad} out of range: the model has {count} layers (0..{count - 1})")
-        patterns = [f"{prefix}.{i}" for i in layers]
-    elif not patterns:
-        prefix = layer_list_name(model)
-        patterns = [f"{prefix}.{default_layer(len(base[prefix]))}"]
-    found: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            near = difflib.get_close_matches(pattern, names, n=5, cutoff=0.6)
-            hint = f"; did you mean {', '.join(near)}?" if near else \
-                f"; module names look like {', '.join(sorted(names, key=_natural_key)[:3])}, ..."
-            raise UserError(f"unknown hookpoint {pattern!r}: no module of the model matches it{hint}")
-        found += [h for h in hits if h not in found]
-    return sorted(found, key=_natural_key)[::layer_stride]
+    return resolve_hookpoint_names(_module_names(base), patterns, layers, layer_stride,
+                                   lambda: layer_list_name(model), lambda prefix: len(base[prefix]))
 
 
 class _StopForward(Exception):
@@ -333,64 +307,22 @@ def model_widths(model: nn.Module, hookpoints: list[str], transcode: bool) -> di
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ModelActivationSource:
-    """Activations of an mlx-lm language model on token chunks, batch_size sequences per batch, in data.py's
-    order (the torch side's ModelActivationSource, same arguments).
+class ModelActivationSource(ModelSource):
+    """sae_core.sources.ModelSource of an mlx-lm model (wrapped modules); the torch side's arguments."""
 
-    Chunks seen again in a later epoch are not run through the model twice: each chunk's activations are kept
-    (up to memo_bytes in all, default 1 GiB) and reused. Outputs per sequence do not depend on the other
-    sequences of a batch (checked bit for bit on the Linux CPU device by the tests), so a resumed run, which
-    starts with an empty memo, trains on identical data.
-    """
+    def model_widths(self):
+        return model_widths(self.model, self.hookpoints, self.transcode)
 
-    kind = "model"
+    def concat(self, arrays):
+        return mx.concatenate(arrays)
 
-    def __init__(self, model: nn.Module, hookpoints: list[str], chunks: np.ndarray, batch_size: int, seed: int,
-                 transcode: bool, exclude_tokens: list[int], memo_bytes: int = 2**30):
-        self.model, self.hookpoints, self.chunks = model, hookpoints, chunks
-        self.batch_size, self.seed, self.transcode = batch_size, seed, transcode
-        self.exclude_tokens = list(exclude_tokens)
-        self.widths = model_widths(model, hookpoints, transcode)
-        self.tokens_per_batch = batch_size * chunks.shape[1]
-        self.batches_per_epoch = len(chunks) // batch_size
-        self.data_info = {"kind": self.kind, "fingerprint": fingerprint(chunks), "num_chunks": int(len(chunks)),
-                          "tokens_per_batch": self.tokens_per_batch}
-        self.memo: dict[int, dict[str, tuple[mx.array, mx.array]]] = {}
-        self.memo_left = memo_bytes
+    def split_rows(self, x, counts):
+        parts = mx.split(x, np.cumsum(counts)[:-1].tolist())
+        mx.eval(parts)
+        return parts
 
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[mx.array, mx.array]]]:
-        order = BatchOrder(len(self.chunks), self.batch_size, self.seed)
-        position = start
-        while True:
-            index = [int(i) for i in order.indices(position)]
-            if all(i in self.memo for i in index):
-                yield {h: self._concat([self.memo[i][h] for i in index]) for h in self.hookpoints}
-            else:
-                tokens = self.chunks[index]
-                acts = self.activations(tokens)
-                self._remember(index, tokens, acts)
-                yield acts
-            position += 1
-
-    @staticmethod
-    def _concat(parts: list[tuple[mx.array, mx.array]]) -> tuple[mx.array, mx.array]:
-        x = mx.concatenate([p[0] for p in parts])
-        return x, (x if parts[0][1] is parts[0][0] else mx.concatenate([p[1] for p in parts]))
-
-    def _remember(self, index: list[int], tokens: np.ndarray, acts: dict[str, tuple[mx.array, mx.array]]) -> None:
-        counts = exclude_mask(tokens, self.exclude_tokens).sum(1)
-        size = sum(x.nbytes + (0 if y is x else y.nbytes) for x, y in acts.values())
-        if size > self.memo_left:
-            return
-        self.memo_left -= size
-        cuts = np.cumsum(counts)[:-1].tolist()
-        split = {h: (mx.split(x, cuts), None if y is x else mx.split(y, cuts)) for h, (x, y) in acts.items()}
-        for n, i in enumerate(index):
-            entry = {}
-            for h, (xs, ys) in split.items():
-                entry[h] = (xs[n], xs[n] if ys is None else ys[n])
-            mx.eval(entry)
-            self.memo.setdefault(i, entry)
+    def nbytes(self, x) -> int:
+        return x.nbytes
 
     def activations(self, tokens: np.ndarray) -> dict[str, tuple[mx.array, mx.array]]:
         keep = mx.array(np.flatnonzero(exclude_mask(tokens, self.exclude_tokens).reshape(-1)).astype(np.int32))
@@ -406,107 +338,23 @@ class ModelActivationSource:
         return out
 
 
-class TorchModelActivationSource:
-    """A torch source (sae_torch.activations.ModelActivationSource: a transformers model) whose batches are
-    converted to mx.arrays. Same data order and data_info as on the torch side."""
-
-    def __init__(self, torch_source):
-        self.inner = torch_source
-        for name in ("kind", "hookpoints", "widths", "transcode", "tokens_per_batch", "batches_per_epoch",
-                     "data_info"):
-            setattr(self, name, getattr(torch_source, name))
-
-    @property
-    def batch_size(self) -> int:
-        return self.inner.batch_size
-
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[mx.array, mx.array]]]:
-        for batch in self.inner.batches(start=start):
-            yield self._convert(batch)
-
-    def activations(self, tokens: np.ndarray) -> dict[str, tuple[mx.array, mx.array]]:
-        return self._convert(self.inner.activations(tokens))
-
-    @staticmethod
-    def _convert(batch: dict) -> dict[str, tuple[mx.array, mx.array]]:
-        out = {}
-        for hook, (x, y) in batch.items():
-            mx_x = to_mx(x)
-            out[hook] = (mx_x, mx_x if y is x else to_mx(y))
-        return out
-
-
-class CacheActivationSource:
-    """Batches of batch_tokens rows streamed from an activation cache (sae_core.activation_cache)."""
-
-    kind = "cache"
-
+class CacheActivationSource(CacheSource):
     def __init__(self, folder: str | Path, batch_tokens: int, seed: int, hookpoints: list[str] | None = None):
-        self.cache = ActivationCache(folder)
-        self.hookpoints = hookpoints or self.cache.hookpoints
-        missing = [h for h in self.hookpoints if h not in self.cache.widths]
-        if missing:
-            raise UserError(f"the activation cache {folder} has no hookpoint(s) {', '.join(missing)}; "
-                            f"it has {', '.join(self.cache.hookpoints)}")
-        self.transcode = self.cache.transcode
-        self.widths = {h: self.cache.widths[h] for h in self.hookpoints}
-        self.batch_tokens, self.seed = batch_tokens, seed
-        self.tokens_per_batch = batch_tokens
-        self.batches_per_epoch = self.cache.batches_per_epoch(batch_tokens)
-        self.data_info = self.cache.data_info(batch_tokens)
-
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[mx.array, mx.array]]]:
-        for batch in self.cache.batches(self.batch_tokens, self.seed, start, self.hookpoints):
-            out = {}
-            for hook, (x, y) in batch.items():
-                mx_x = to_mx(x)
-                out[hook] = (mx_x, mx_x if y is x else to_mx(y))
-            yield out
+        super().__init__(folder, batch_tokens, seed, convert_batch, hookpoints)
 
 
-class ArrayActivationSource:
-    """Activations handed over by the caller: an iterable of {hookpoint: x} or {hookpoint: (x, y)} batches of
-    [N, d] arrays (NumPy, mx or torch). Resuming at batch b skips the first b batches, so pass the same iterable
-    again."""
-
-    kind = "arrays"
-
+class ArrayActivationSource(ArraySource):
     def __init__(self, batches: Iterable[dict]):
-        self._iter = iter(batches)
-        first = next(self._iter, None)
-        if first is None or not isinstance(first, dict) or not first:
-            raise UserError("the activation iterable is empty or does not yield {hookpoint: array} dicts")
-        self._first = self._convert(first)
-        self.hookpoints = list(self._first)
-        self.transcode = any(x is not y for x, y in self._first.values())
-        self.widths = {h: (x.shape[-1], y.shape[-1]) for h, (x, y) in self._first.items()}
-        self.tokens_per_batch = next(iter(self._first.values()))[0].shape[0]
-        self.batches_per_epoch = None
-        self.data_info = {"kind": self.kind, "fingerprint": None, "num_chunks": None,
-                          "tokens_per_batch": self.tokens_per_batch}
+        super().__init__(batches, to_mx)
 
-    def _convert(self, batch: dict) -> dict[str, tuple[mx.array, mx.array]]:
-        out = {}
-        for hook, value in batch.items():
-            x, y = value if isinstance(value, (tuple, list)) else (value, None)
-            mx_x = to_mx(x)
-            if mx_x.ndim != 2:
-                raise UserError(f"activations for {hook!r} must be [N, d], got shape {tuple(mx_x.shape)}")
-            out[hook] = (mx_x, mx_x if y is None else to_mx(y))
-        return out
 
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[mx.array, mx.array]]]:
-        batch = self._first
-        for _ in range(start):
-            batch = next(self._iter, None)
-            if batch is None:
-                return
-        if start:
-            batch = self._convert(batch)
-        while batch is not None:
-            yield batch
-            nxt = next(self._iter, None)
-            batch = None if nxt is None else self._convert(nxt)
+def convert_batch(batch: dict) -> dict[str, tuple[mx.array, mx.array]]:
+    """{hook: (x, y)} of arrays or tensors as mx.arrays (y stays x where it is x)."""
+    out = {}
+    for hook, (x, y) in batch.items():
+        mx_x = to_mx(x)
+        out[hook] = (mx_x, mx_x if y is x else to_mx(y))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -514,84 +362,29 @@ class ArrayActivationSource:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _torch_device(device: str):
-    """The torch device that runs a transformers model for the MLX backend (model runner torch)."""
-    import torch
-
-    from sae_torch.activations import resolve_device as torch_resolve_device
-
-    if device.split(":")[0] in ("gpu", "metal", "mps"):
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch_resolve_device("auto")
-    return torch_resolve_device(device)
-
-
-def load_model_source(cfg, runner: str):
-    """Load cfg.model with `runner` ("mlx-lm" or "torch"); returns (hookpoints, make_source, tokenizer) where
-    make_source(chunks, exclude_tokens, batch_size=cfg.batch_size) builds the activation source (mx.arrays)."""
-    if runner == "torch":
-        from sae_torch import activations as torch_acts
-
-        device = _torch_device(cfg.device)
-        model, tokenizer = torch_acts.load_model(cfg.model, device, torch_acts.resolve_dtype(cfg.dtype, device))
-        hookpoints = torch_acts.resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
-
-        def make(chunks, exclude, batch_size=None):
-            return TorchModelActivationSource(torch_acts.ModelActivationSource(
-                model, hookpoints, chunks, batch_size or cfg.batch_size, cfg.seed, cfg.sae.transcode, exclude))
-        return hookpoints, make, tokenizer
-    model, tokenizer = load_model(cfg.model, resolve_dtype(cfg.dtype))
+def load_model_source(cfg, dtype: str | None = None):
+    """The mlx-lm model runner (sae_core.sources.load_model_source): load cfg.model; returns (hookpoints,
+    make_source(chunks, exclude_tokens, batch_size=cfg.batch_size), tokenizer, model dtype name). `dtype`: the
+    model dtype by name, overriding cfg.dtype (a resumed run keeps the one it started with)."""
+    mx_dtype = resolve_dtype(dtype or cfg.dtype)
+    model, tokenizer = load_model(cfg.model, mx_dtype)
     hookpoints = resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
 
     def make(chunks, exclude, batch_size=None):
         return ModelActivationSource(model, hookpoints, chunks, batch_size or cfg.batch_size, cfg.seed,
                                      cfg.sae.transcode, exclude)
-    return hookpoints, make, tokenizer
+    return hookpoints, make, tokenizer, DTYPE_NAMES[mx_dtype]
 
 
 def harvest(out: str | Path, cfg, *, save_dtype: str = "float32", shard_tokens: int = 65536,
             overwrite: bool = False, progress: bool = True, model_runner: str | None = None) -> dict:
-    """Run cfg.model over cfg.dataset (one pass over the split, or cfg.max_tokens tokens) and store the
-    hookpoints' activations as an activation cache (sae_core.activation_cache); the torch side's harvest, with
-    the model run by `model_runner` (see the module docstring). The cache is framework-free: either backend
-    trains on it."""
-    import sys
+    """sae_core.sources.harvest with the model run by `model_runner` (see the module docstring)."""
+    from .trainer import MlxBackend
 
-    from tqdm.auto import tqdm
-
-    from sae_core.activation_cache import CacheWriter
-    from sae_core.data import default_exclude_tokens, load_token_chunks
-
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    with mx.stream(device):
-        hookpoints, make_source, tokenizer = load_model_source(cfg, choose_model_runner(model_runner))
-    chunks = load_token_chunks(cfg.dataset, cfg.split, tokenizer, cfg.ctx_len, cfg.max_tokens, cfg.text_column)
-    if cfg.max_tokens is not None:
-        chunks = chunks[: max(1, -(-cfg.max_tokens // cfg.ctx_len))]
-    exclude = default_exclude_tokens(tokenizer) if cfg.exclude_tokens is None else cfg.exclude_tokens
-    batch_size = min(cfg.batch_size, len(chunks))
-    with mx.stream(device):
-        source = make_source(chunks, exclude, batch_size)
-    meta = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "ctx_len": cfg.ctx_len,
-            "exclude_tokens": exclude, "data_fingerprint": source.data_info["fingerprint"]}
-    writer = CacheWriter(Path(out).expanduser(), source.widths, cfg.sae.transcode, save_dtype, shard_tokens, meta,
-                         overwrite)
-    bar = tqdm(total=len(chunks) * cfg.ctx_len, unit="tok", unit_scale=True, desc="Harvesting",
-               disable=not progress, file=sys.stderr)
-    for start in range(0, len(chunks), batch_size):  # in data order: the cache reader shuffles
-        tokens = chunks[start: start + batch_size]
-        with mx.stream(device):
-            acts = source.activations(tokens)
-        kept = tokens.reshape(-1)[exclude_mask(tokens, exclude).reshape(-1)]
-        writer.add(kept, {h: (to_numpy(x.astype(mx.float32)), to_numpy(y.astype(mx.float32)))
-                          for h, (x, y) in acts.items()})
-        bar.update(tokens.size)
-    bar.close()
-    return writer.close()
+    return harvest_cache(out, cfg, MlxBackend(resolve_device(cfg.device), model_runner=model_runner),
+                         save_dtype=save_dtype, shard_tokens=shard_tokens, overwrite=overwrite, progress=progress)
 
 
-__all__ = ["ArrayActivationSource", "CacheActivationSource", "ModelActivationSource", "TorchModelActivationSource",
+__all__ = ["ArrayActivationSource", "CacheActivationSource", "ModelActivationSource",
            "capture", "choose_model_runner", "harvest", "load_model", "load_model_source", "model_widths",
            "resolve_device", "resolve_dtype", "resolve_hookpoints", "run_forward", "to_mx", "to_numpy"]

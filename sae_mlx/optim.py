@@ -47,6 +47,12 @@ class Optimizer:
         self.state = {p: {slot: mx.zeros(param.shape, dtype=mx.float32) for slot in OPTIMIZER_SLOTS[self.name]}
                       for p, param in tree_flatten(module.trainable_parameters())}
 
+    def train(self) -> None:
+        """Switch to the training point (a no-op here; schedule-free optimizers average their iterates)."""
+
+    def eval(self) -> None:
+        """Switch the parameters to the evaluation point, as saved (a no-op here)."""
+
     @property
     def params(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.module.trainable_parameters()))

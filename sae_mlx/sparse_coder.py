@@ -125,7 +125,7 @@ class SparseCoder(nn.Module):
     # An instance may set it (0: always sparse). Inside mx.compile AuxK always takes the fixed-size sparse path.
     aux_dense_max_ratio: float = 8.0
 
-    def __init__(self, d_in: int, cfg: SparseCoderConfig, dtype: mx.Dtype | None = None, *,
+    def __init__(self, d_in: int, cfg: SparseCoderConfig, *, dtype: mx.Dtype | None = None,
                  decoder: bool = True, d_out: int | None = None):
         super().__init__()
         self._cfg = cfg
@@ -371,9 +371,10 @@ class SparseCoder(nn.Module):
         self.W_dec = mx.stop_gradient(self.W_dec / (norm + eps)).astype(self.W_dec.dtype)
 
     def remove_gradient_parallel_to_decoder_directions(self, grads: dict) -> dict:
-        """Return `grads` (the gradient tree of this module, as `nn.value_and_grad` gives it, or a flat dict by
-        parameter name) with each `W_dec` row's component along that row of `W_dec` removed. MLX gradients are
-        values, not attributes, so this returns a new dict (shallow copy) rather than editing in place."""
+        """Remove from each W_dec row's gradient its component along that row. The same call in both backends:
+        `grads = sae.remove_gradient_parallel_to_decoder_directions(grads)` with `grads` the gradient tree of this
+        module (as `nn.value_and_grad` gives it) or a flat dict by parameter name. MLX arrays are immutable, so this
+        returns a new dict (shallow copy) with a new W_dec gradient (torch edits its tensor in place)."""
         assert self.W_dec is not None and grads.get("W_dec") is not None, "no decoder gradient to project"
         w, g = self.W_dec, grads["W_dec"]
         parallel = (g * w).sum(axis=1, keepdims=True) / mx.maximum(mx.square(w).sum(axis=1, keepdims=True), 1e-30)

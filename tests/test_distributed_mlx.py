@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,92 +17,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+import distributed_runs
+from distributed_runs import BATCHES, REPO, ROWS, free_port, max_rel_diff, results, tensors, wait
+
 HOOKS = ("layers.0", "layers.1")
-ROWS, D_IN, BATCHES = 96, 24, 8
 
 
 def make_batches(seed: int = 0, hooks=HOOKS, rows=ROWS, batches=BATCHES):
-    """Global batches {hook: [rows, D_IN]} with a per-hook offset (b_dec != 0) and a few strong directions."""
-    rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(16, D_IN)).astype(np.float32)
-    out = []
-    for _ in range(batches):
-        batch = {}
-        for i, hook in enumerate(hooks):
-            codes = rng.exponential(size=(rows, 16)).astype(np.float32) * (rng.random((rows, 16)) < 0.2)
-            batch[hook] = codes @ basis + 0.5 * (i + 1) + 0.05 * rng.normal(size=(rows, D_IN)).astype(np.float32)
-        out.append(batch)
-    return out
-
-
-def worker(opts: dict) -> None:
-    from sae_core.config import SparseCoderConfig
-    from sae_core.train_config import TrainConfig
-    from sae_mlx import distributed
-
-    hooks = opts.get("hooks", list(HOOKS[:1]))
-    batches = make_batches(hooks=hooks, batches=opts.get("batches", BATCHES))
-    cfg = TrainConfig(sae=SparseCoderConfig(k=4, expansion_factor=4, multi_topk=opts.get("multi_topk", False)),
-                      optimizer=opts.get("optimizer", "adam"), lr=opts.get("lr", 3e-3), lr_warmup_steps=0,
-                      max_tokens=ROWS * opts.get("steps", BATCHES), grad_acc_steps=opts.get("grad_acc", 1),
-                      micro_acc_steps=opts.get("micro_acc", 1), dead_feature_threshold=200,
-                      save_dir=opts["save_dir"], run_name=opts["run_name"], save_every=opts.get("save_every", 1000),
-                      log_every=2)
-    result = distributed.train(cfg, batches, resume=opts.get("resume", False), progress=False,
-                               stop_after_steps=opts.get("stop_after"), plots=False)
-    print("RESULT " + json.dumps({k: result[k] for k in ("step", "tokens", "coders")} |
-                                 {"rank": result.get("rank", 0)}), flush=True)
+    return distributed_runs.make_batches(hooks, seed, rows, batches)
 
 
 def write_cache(folder: Path, hooks=HOOKS, tokens: int = 4 * ROWS) -> Path:
-    """A small activation cache (sae_core.activation_cache) of the arrays above, in 4 shards."""
-    from sae_core.activation_cache import CacheWriter
-
-    writer = CacheWriter(folder, {h: (D_IN, D_IN) for h in hooks}, False, shard_tokens=tokens // 4)
-    for i, batch in enumerate(make_batches(hooks=hooks, batches=tokens // ROWS)):
-        writer.add(np.arange(ROWS) + i * ROWS, {h: (x, x) for h, x in batch.items()})
-    writer.close()
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Launching
-# ---------------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return distributed_runs.write_cache(folder, hooks, tokens)
 
 
 def start(opts: dict, world: int, extra_env: dict | None = None) -> list[subprocess.Popen]:
-    """Start `world` worker processes on a free port (world 1: no process group at all)."""
-    procs = []
+    """Start `world` ranks with MLX_RANK and a ring hostfile of free ports, as mlx.launch would."""
     hostfile = Path(opts["save_dir"]) / f"hosts-{free_port()}.json"
     hostfile.parent.mkdir(parents=True, exist_ok=True)
     hostfile.write_text(json.dumps([f"127.0.0.1:{free_port()}" for _ in range(world)]))
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(extra_env or {})}
-        if world > 1:
-            env.update(MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile))
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", json.dumps(opts)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def wait(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
-    deadline = time.monotonic() + timeout
-    done = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"distributed run did not finish in {timeout} s (a hang)")
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+    return distributed_runs.start(__file__, opts, world, lambda rank: dict(MLX_RANK=str(rank),
+                                                                           MLX_HOSTFILE=str(hostfile)), extra_env)
 
 
 def launch(opts: dict, world: int, timeout: float = 120, extra_env: dict | None = None):
@@ -114,25 +48,6 @@ def launch_many(jobs: dict[str, tuple[dict, int]], timeout: float = 180) -> dict
     """Several independent runs at once (process start-up, mostly imports and MLX's compile, dominates their time)."""
     started = {name: start(opts, world) for name, (opts, world) in jobs.items()}
     return {name: wait(procs, timeout) for name, procs in started.items()}
-
-
-def results(done) -> list[dict]:
-    out = []
-    for p in done:
-        assert p.returncode == 0, p.stderr[-3000:]
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
-        out.append(json.loads(line[len("RESULT "):]))
-    return out
-
-
-def tensors(run: Path, name: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return {**load_file(str(run / name / "sae.safetensors")), **load_file(str(run / name / "state.safetensors"))}
-
-
-def max_rel_diff(a: dict, b: dict, keys=("encoder.weight", "encoder.bias", "W_dec", "b_dec")) -> float:
-    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +167,55 @@ def test_mlx_launch_cli(tmp_path):
     assert sorted(state["coders"]) == list(HOOKS) and state["step"] == 4 and state["tokens"] == 4 * ROWS
 
 
+def test_launches_of_every_mlx_backend_are_recognised(tmp_path):
+    """What mlx.launch (MLX 0.32, mlx/_distributed_utils/launch.py) hands each process, per backend: all set
+    MLX_RANK; ring adds MLX_HOSTFILE (a file: JSON list, one entry per rank, empty for one process), jaccl
+    MLX_JACCL_COORDINATOR and MLX_IBV_DEVICES (a file: one row of RDMA devices per rank), nccl MLX_WORLD_SIZE."""
+    from sae_mlx.distributed import launched_by_mlx, launched_world_size
+
+    ring, single, devices = tmp_path / "ring.json", tmp_path / "single", tmp_path / "ibv.json"
+    ring.write_text(json.dumps([["10.0.0.1:5000"], ["10.0.0.2:5000"]]))
+    single.write_text("")
+    devices.write_text(json.dumps([[None, "rdma_en2"], ["rdma_en2", None]]))
+    launches = {
+        "ring": ({"MLX_RANK": "1", "MLX_HOSTFILE": str(ring)}, 2),
+        "ring, one host": ({"MLX_RANK": "0", "MLX_HOSTFILE": str(single)}, 1),
+        "jaccl": ({"MLX_RANK": "0", "MLX_JACCL_COORDINATOR": "10.0.0.1:32323", "MLX_IBV_DEVICES": str(devices)}, 2),
+        "nccl": ({"MLX_RANK": "0", "MLX_WORLD_SIZE": "4", "NCCL_HOST_IP": "10.0.0.1"}, 4),
+        "mpi": ({"OMPI_COMM_WORLD_SIZE": "3"}, 3),
+    }
+    for name, (env, world) in launches.items():
+        assert launched_by_mlx(env) == (world > 1 or "MLX_RANK" in env), name
+        assert launched_world_size(env) == world, name
+    assert not launched_by_mlx({}) and not launched_by_mlx({"MLX_RANK": "0"})  # a stray MLX_RANK alone is no launch
+
+
+def test_a_jaccl_launch_whose_group_cannot_form_stops_every_rank(tmp_path):
+    """The real launcher with `--backend jaccl` (two local processes, RDMA devices named as on a Mac): MLX cannot
+    form the JACCL group here (no RDMA on Linux) and gives each process a group of one; a rank must stop with one
+    clear error instead of training alone into the shared run folder (the launcher then ends the others)."""
+    cache = write_cache(tmp_path / "cache")
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps({"backend": "jaccl", "hosts": [
+        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": [None, "rdma_en2"]},
+        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": ["rdma_en2", None]}]}))
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    cmd = [str(launcher), "--hostfile", str(hostfile), "--starting-port", str(free_port()), "--", sys.executable,
+           "-m", "sae_mlx", "train", "--activations", str(cache), "--batch_size", "2", "--ctx_len", "48",
+           "--max_tokens", str(4 * ROWS), "--k", "4", "--expansion_factor", "4", "--save_dir", str(tmp_path / "runs"),
+           "--run_name", "jaccl", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "exited with code 2" in p.stderr, p.stderr[-3000:]  # (mlx.launch itself exits 0)
+    assert all("mlx.launch started 2 processes (jaccl), but MLX joined a group of 1" in e for e in errors), errors
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "runs" / "jaccl").exists()  # nobody trained
+
+
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     sys.path.insert(0, str(REPO))
-    worker(json.loads(sys.argv[2]))
+    from sae_mlx import distributed
+
+    distributed_runs.worker(json.loads(sys.argv[2]), distributed, HOOKS)
     sys.exit(0)

@@ -8,100 +8,33 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+import distributed_runs
+from distributed_runs import BATCHES, REPO, ROWS, free_port, max_rel_diff, results, tensors, wait
+
 HOOKS = ("layers.0", "layers.1", "layers.2")
-ROWS, D_IN, BATCHES = 96, 24, 8
 
 
 def make_batches(seed: int = 0, hooks=HOOKS, rows=ROWS, batches=BATCHES):
-    """Global batches {hook: [rows, D_IN]} with a per-hook offset (b_dec != 0) and a few strong directions."""
-    rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(16, D_IN)).astype(np.float32)
-    out = []
-    for _ in range(batches):
-        batch = {}
-        for i, hook in enumerate(hooks):
-            codes = rng.exponential(size=(rows, 16)).astype(np.float32) * (rng.random((rows, 16)) < 0.2)
-            batch[hook] = codes @ basis + 0.5 * (i + 1) + 0.05 * rng.normal(size=(rows, D_IN)).astype(np.float32)
-        out.append(batch)
-    return out
-
-
-def worker(opts: dict) -> None:
-    from sae_core.config import SparseCoderConfig
-    from sae_core.train_config import TrainConfig
-    from sae_torch import distributed
-
-    hooks = opts.get("hooks", list(HOOKS[:1]))
-    batches = make_batches(hooks=hooks, batches=opts.get("batches", BATCHES))
-    cfg = TrainConfig(sae=SparseCoderConfig(k=4, expansion_factor=4, multi_topk=opts.get("multi_topk", False)),
-                      optimizer=opts.get("optimizer", "adam"), lr=opts.get("lr", 3e-3), lr_warmup_steps=0,
-                      max_tokens=ROWS * opts.get("steps", BATCHES), grad_acc_steps=opts.get("grad_acc", 1),
-                      micro_acc_steps=opts.get("micro_acc", 1), dead_feature_threshold=200,
-                      save_dir=opts["save_dir"], run_name=opts["run_name"], save_every=opts.get("save_every", 1000),
-                      log_every=2, distribute_modules=opts.get("distribute_modules", False))
-    result = distributed.train(cfg, batches, resume=opts.get("resume", False), progress=False,
-                               stop_after_steps=opts.get("stop_after"), plots=False)
-    print("RESULT " + json.dumps({k: result[k] for k in ("step", "tokens", "coders")} |
-                                 {"rank": result.get("rank", 0)}), flush=True)
+    return distributed_runs.make_batches(hooks, seed, rows, batches)
 
 
 def write_cache(folder: Path, hooks=HOOKS, tokens: int = 4 * ROWS) -> Path:
-    """A small activation cache (sae_core.activation_cache) of the arrays above, in 4 shards."""
-    from sae_core.activation_cache import CacheWriter
-
-    writer = CacheWriter(folder, {h: (D_IN, D_IN) for h in hooks}, False, shard_tokens=tokens // 4)
-    for i, batch in enumerate(make_batches(hooks=hooks, batches=tokens // ROWS)):
-        writer.add(np.arange(ROWS) + i * ROWS, {h: (x, x) for h, x in batch.items()})
-    writer.close()
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Launching
-# ---------------------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return distributed_runs.write_cache(folder, hooks, tokens)
 
 
 def start(opts: dict, world: int, extra_env: dict | None = None) -> list[subprocess.Popen]:
-    """Start `world` worker processes on a free port (world 1: no process group at all)."""
+    """Start `world` ranks on a free port, as torchrun would."""
     port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(extra_env or {})}
-        if world > 1:
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", json.dumps(opts)], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return procs
-
-
-def wait(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
-    deadline = time.monotonic() + timeout
-    done = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"distributed run did not finish in {timeout} s (a hang)")
-        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    return done
+    return distributed_runs.start(__file__, opts, world, lambda rank: dict(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world)), extra_env)
 
 
 def launch(opts: dict, world: int, timeout: float = 120, extra_env: dict | None = None):
@@ -113,25 +46,6 @@ def launch_many(jobs: dict[str, tuple], timeout: float = 180) -> dict[str, list]
     torch, dominates their time)."""
     started = {name: start(*job) for name, job in jobs.items()}
     return {name: wait(procs, timeout) for name, procs in started.items()}
-
-
-def results(done) -> list[dict]:
-    out = []
-    for p in done:
-        assert p.returncode == 0, p.stderr[-3000:]
-        line = [l for l in p.stdout.splitlines() if l.startswith("RESULT ")][-1]
-        out.append(json.loads(line[len("RESULT "):]))
-    return out
-
-
-def tensors(run: Path, name: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return {**load_file(str(run / name / "sae.safetensors")), **load_file(str(run / name / "state.safetensors"))}
-
-
-def max_rel_diff(a: dict, b: dict, keys=("encoder.weight", "encoder.bias", "W_dec", "b_dec")) -> float:
-    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in keys)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,9 +125,9 @@ def test_distribute_modules_trains_every_hookpoint_once(runs):
     """3 hookpoints on 2 ranks (rank 0: layers.0 and layers.1, rank 1: layers.2): each coder is trained by its
     owner alone on the full batches, so it equals the 1-rank run's (bit for bit here: same math, same order);
     a coder trained twice, or not at all, would not. One checkpoint holds all three."""
+    from sae_core.loop import owners
     from sae_core.metrics import read_metrics
     from sae_core.training_state import read_run_state
-    from sae_torch.distributed import owners
 
     assert owners({h: h for h in HOOKS}, 2) == {"layers.0": 0, "layers.1": 0, "layers.2": 1}
     save_dir, res = runs
@@ -270,5 +184,7 @@ def test_torchrun_cli_distribute_modules(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":
     sys.path.insert(0, str(REPO))
-    worker(json.loads(sys.argv[2]))
+    from sae_torch import distributed
+
+    distributed_runs.worker(json.loads(sys.argv[2]), distributed, HOOKS)
     sys.exit(0)

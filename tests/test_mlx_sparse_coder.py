@@ -15,6 +15,7 @@ from parity.fixtures import all_cases, make_case  # noqa: E402
 from parity.oracle import evaluate  # noqa: E402
 from parity.runners import LOSS_AUXK_ALPHA, _mx_np, run_mlx  # noqa: E402
 from sae_core.config import SparseCoderConfig  # noqa: E402
+from sae_core.loop import total_loss  # noqa: E402
 from sae_mlx import SparseCoder  # noqa: E402
 
 CASES = all_cases(seed=3)
@@ -236,7 +237,7 @@ COMPILE_CASES = [make_case(dead="few", seed=11),
 
 def _loss_fn(model, x, y, dead):
     out = model(x, y, dead_mask=dead)
-    return out.fvu + LOSS_AUXK_ALPHA * out.auxk_loss + out.multi_topk_fvu / 8
+    return total_loss(out.fvu, out.auxk_loss, out.multi_topk_fvu, LOSS_AUXK_ALPHA)
 
 
 def _flat(tree):

@@ -161,8 +161,14 @@ def test_decoder_norm_utilities():
     sae.set_decoder_norm_to_unit_norm()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(30))
     sae.W_dec.grad = torch.randn(30, 12)
-    sae.remove_gradient_parallel_to_decoder_directions()
+    sae.remove_gradient_parallel_to_decoder_directions()  # sparsify's call: the .grad attributes, in place
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(dim=1), torch.zeros(30), atol=1e-6, rtol=0)
+    # the call both backends share: gradients by name in, gradients by name out (MLX's arrays are immutable)
+    grads = {"W_dec": torch.randn(30, 12), "b_dec": torch.randn(12)}
+    b_dec_grad = grads["b_dec"]
+    out = sae.remove_gradient_parallel_to_decoder_directions(grads)
+    assert out["b_dec"] is b_dec_grad
+    torch.testing.assert_close((out["W_dec"] * sae.W_dec).sum(dim=1), torch.zeros(30), atol=1e-6, rtol=0)
 
 
 def test_parity_fixtures_cover_both_auxk_paths():

@@ -315,8 +315,11 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
     from sae_mlx import activations as ma
     from sae_torch import activations as ta
 
-    model, _ = ma.load_model(str(tiny_model_dir))
-    tmodel, _ = ta.load_model(str(tiny_model_dir), torch.device("cpu"))
+    # Both runners in float32, explicitly: the 1e-5 tolerances below are float32 ones (the runners' matmuls sum in
+    # different orders, about 1e-6 relative). `dtype auto` would give mlx-lm a bfloat16 model on a Mac's GPU
+    # (about 4e-3 relative rounding), which is a precision choice, not a runner difference.
+    model, _ = ma.load_model(str(tiny_model_dir), mx.float32)
+    tmodel, _ = ta.load_model(str(tiny_model_dir), torch.device("cpu"), torch.float32)
     hooks = ma.resolve_hookpoints(model, ["layers.1", "layers.2.mlp"])
     assert hooks == ta.resolve_hookpoints(tmodel, ["layers.1", "layers.2.mlp"])
     assert ma.resolve_hookpoints(model, []) == ta.resolve_hookpoints(tmodel, []) == ["layers.1"]
@@ -350,7 +353,8 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
     # harvest with either runner: the same tokens and (to rounding) the same activations
     from sae_core.activation_cache import ActivationCache
 
-    harvest_cfg = tiny_cfg(hookpoints=["layers.2.mlp"], sae=SparseCoderConfig(transcode=True), max_tokens=32 * 6)
+    harvest_cfg = tiny_cfg(hookpoints=["layers.2.mlp"], sae=SparseCoderConfig(transcode=True), max_tokens=32 * 6,
+                           dtype="float32")  # float32 tolerance below, as above
     for runner in ("mlx-lm", "torch"):
         with torch_threads(1):
             ma.harvest(tmp_path / runner, harvest_cfg, progress=False, model_runner=runner)
@@ -363,8 +367,47 @@ def test_mlx_lm_runner_matches_torch_and_resumes_across_runners(tiny_model_dir, 
         state = read_run_state(tmp_path / "runs" / "a")
         result = train(tiny_cfg(run_name="a"), resume=True, progress=False, plots=False, model_runner="torch")
         assert result["step"] == 12
+        # the resumed run kept the language model's precision it started with, whatever the torch runner's default
+        assert read_run_state(tmp_path / "runs" / "a")["data"]["model_dtype"] == state["data"]["model_dtype"]
         train(tiny_cfg(run_name="b"), progress=False, plots=False, stop_after_steps=3, model_runner="torch")
-    assert read_run_state(tmp_path / "runs" / "b")["data"] == state["data"]
+    fresh = read_run_state(tmp_path / "runs" / "b")["data"]
+    assert {**fresh, "model_dtype": None} == {**state["data"], "model_dtype": None}  # the same token chunks
+
+
+# Run with torch unimportable (sys.modules["torch"] = None: `import torch` raises, find_spec says "not installed"),
+# which is what a Mac user with only mlx, mlx-lm (and its transformers) has.
+WITHOUT_TORCH = """
+import json, sys
+sys.modules["torch"] = None
+from sae_core.config import SparseCoderConfig
+from sae_core.train_config import TrainConfig
+from sae_mlx.trainer import train
+cfg = TrainConfig(**json.loads(sys.argv[1]), sae=SparseCoderConfig(k=8, expansion_factor=4))
+result = train(cfg, progress=False, plots=False)
+from sae_mlx.activations import model_path
+builtin = str(model_path("builtin:smollm2"))  # the materialised built-in model, found without torch
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "sae_torch") and sys.modules[m] is not None)
+print(json.dumps({"step": result["step"], "fvu": result["coders"]["layers.1"]["fvu"], "loaded": loaded,
+                  "builtin": builtin}))
+"""
+
+
+def test_mlx_trains_without_torch(tiny_model_dir, smollm2_path, tmp_path):
+    """MLX and mlx-lm alone train a model end to end (the default runner falls back to mlx-lm when torch is not
+    installed) and find the built-in model once it is materialised; nothing of torch or sae_torch is imported."""
+    pytest.importorskip("mlx_lm", reason="the mlx-lm model runner needs the optional package mlx-lm")
+    import json
+
+    cfg = dict(model=str(tiny_model_dir), hookpoints=["layers.1"], ctx_len=32, batch_size=4, max_tokens=32 * 4 * 3,
+               lr=1e-3, save_dir=str(tmp_path / "runs"), run_name="no-torch", log_every=1, device="cpu")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SAE_MLX_MODEL_RUNNER": ""}
+    done = subprocess.run([PYTHON, "-c", WITHOUT_TORCH, json.dumps(cfg)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["step"] == 3 and np.isfinite(out["fvu"]) and out["loaded"] == []
+    assert out["builtin"] == str(smollm2_path)
+    assert read_run_state(tmp_path / "runs" / "no-torch")["data"]["model_dtype"] == "float32"
 
 
 @needs_train_deps

@@ -23,7 +23,7 @@ from conftest import PYTHON, REPO  # noqa: E402
 from sae_core.config import SparseCoderConfig  # noqa: E402
 from sae_core.errors import UserError  # noqa: E402
 from sae_core.metrics import read_metrics  # noqa: E402
-from sae_core.training_state import SAVING, read_run_state  # noqa: E402
+from sae_core.training_state import SAVING, read_run_state, write_run_state  # noqa: E402
 from sae_torch import SparseCoder  # noqa: E402
 from sae_torch.trainer import train  # noqa: E402
 
@@ -232,9 +232,9 @@ def test_missing_model_and_dataset(tiny_cfg, tmp_path):
 def test_nan_activations_stop_without_overwriting_the_checkpoint(tiny_cfg, tmp_path, monkeypatch):
     """A forward hook injects NaN into layers.1's output from the 4th batch on: the run stops with a message
     naming the step and hookpoint, and the step-2 checkpoint is left as it was."""
-    import sae_torch.trainer as trainer_module
+    import sae_torch.activations as runner_module  # the torch model runner loads the model
 
-    real_load = trainer_module.load_model
+    real_load = runner_module.load_model
     calls = {"n": 0}
 
     def load_with_nan_hook(*args, **kwargs):
@@ -247,13 +247,29 @@ def test_nan_activations_stop_without_overwriting_the_checkpoint(tiny_cfg, tmp_p
         model.model.layers[1].register_forward_hook(inject)
         return model, tokenizer
 
-    monkeypatch.setattr(trainer_module, "load_model", load_with_nan_hook)
+    monkeypatch.setattr(runner_module, "load_model", load_with_nan_hook)
     with pytest.raises(UserError, match=r"non-finite activations \(NaN or Inf\) at step 3, hookpoint 'layers.1'.*"
                                         r"checkpoint of step 2 is kept"):
         train(tiny_cfg(save_every=2), progress=False, plots=False)
     state = read_run_state(tmp_path / "runs" / "tiny")
     assert state["step"] == 2
     assert torch.isfinite(_weights(tmp_path / "runs" / "tiny")["W_dec"]).all()
+
+
+def test_resume_keeps_the_model_dtype_the_run_started_with(tiny_cfg, tmp_path):
+    """`dtype auto` is bfloat16 on a GPU (CUDA, Metal/MPS) and float32 on a CPU, in both model runners: the resolved
+    dtype is part of the run (state.json data.model_dtype), and a resume where auto resolves differently (another
+    machine or runner) keeps the run's precision instead of mixing two. A run started on a GPU is stood in for by
+    rewriting this CPU run's recorded dtype (here auto can only resolve to float32)."""
+    run = tmp_path / "runs" / "tiny"
+    train(tiny_cfg(), progress=False, plots=False, stop_after_steps=2)
+    state = read_run_state(run)
+    assert state["data"]["model_dtype"] == "float32"
+    state["data"]["model_dtype"] = "bfloat16"
+    write_run_state(run, state)
+    result = train(tiny_cfg(), resume=True, progress=False, plots=False, stop_after_steps=4)
+    assert result["step"] == 4
+    assert read_run_state(run)["data"]["model_dtype"] == "bfloat16"  # what the runner reported it loaded
 
 
 def test_nan_in_handed_over_arrays(tiny_cfg):
