@@ -19,6 +19,7 @@ evaluation sequences:
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from .checkpoint import write_text_atomic
 from .data import default_exclude_tokens, load_token_chunks
 from .errors import UserError
 from .train_config import TrainConfig
-from .training_state import find_coder_dirs, read_run_state
+from .training_state import STATE_FILE, find_coder_dirs, needs_recovery, read_run_state
 
 EVAL_FILE = "eval.json"
 
@@ -73,7 +74,10 @@ def plan_evaluation(run: str | Path, *, model: str | None = None, dataset: str |
     run = Path(run).expanduser()
     if not run.exists():
         raise UserError(f"run folder {run} not found")
-    state = read_run_state(run)
+    # a folder that never held a run of ours (a published repo, e.g. a huggingface_hub snapshot whose files are
+    # links into its blob store) is read as weights only: nothing to recover, no state to check
+    ours = os.path.lexists(run / STATE_FILE) or needs_recovery(run)
+    state = read_run_state(run) if ours else None
     cfg = TrainConfig.from_dict(state["train_config"]) if state else TrainConfig()
     if state is None and model is None and not (run / "cfg.json").is_file():
         raise UserError(f"{run} holds no state.json (not a run folder of `sae train`); give --model and --dataset")
