@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SIDES, BenchConfig, describe_environment, dump, mlx_available, sparsify_available
+from bench.common import SIDES, VARIANT_KEYS, BenchConfig, parse_variant, describe_environment, dump, mlx_available, sparsify_available
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = {"d_in": 768, "k": 32, "speed_ratio_min": 1.5, "memory_ratio_max": 0.7}
@@ -32,6 +32,10 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -43,15 +47,20 @@ def parse_args(argv=None):
                    help="comma-separated d_in values [cpu: 576,768; cuda: 576,768,2048]")
     p.add_argument("--k", type=_ints, default=None, help="comma-separated k values [cuda: 32,128; cpu: 32]")
     p.add_argument("--expansion", type=int, default=32, help="M = expansion * d_in [32]")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per step [4096]")
-    p.add_argument("--dead-frac", type=float, default=0.05,
-                   help="fraction of latents marked dead, so AuxK runs with k_aux = min(d_in/2, #dead) [0.05]")
+    p.add_argument("--tokens", type=_ints, default=[4096], help="comma-separated tokens per step [4096]")
+    p.add_argument("--dead-frac", type=_floats, default=[0.05],
+                   help="comma-separated fractions of latents marked dead, so AuxK runs with k_aux = "
+                        "min(d_in/2, #dead); 0 turns AuxK off [0.05]")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side [cpu 1, cuda 3]")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side; the median is reported "
                                                           "[cpu 5, cuda 20]")
     p.add_argument("--sides", default=",".join(SIDES),
                    help=f"torch sides to run, comma-separated, from {','.join(SIDES)} [{','.join(SIDES)}]; "
                         "sparsify is skipped with a note when it is not importable")
+    p.add_argument("--variants", default="",
+                   help="extra 'ours' sides with other settings, ';'-separated, each 'key=value[,key=value]' "
+                        f"with keys {', '.join(VARIANT_KEYS)} (e.g. 'topk=triton;scatter=dot;aux_ratio=32'); each "
+                        "runs interleaved with the others as side 'ours[SPEC]' []")
     p.add_argument("--no-mlx", action="store_true", help="skip the MLX backend")
     p.add_argument("--mlx-blas", default="auto",
                    help="OpenBLAS library to LD_PRELOAD into the MLX worker on Linux ('auto': Debian's "
@@ -146,13 +155,13 @@ def main(argv=None) -> int:
     device = resolve_device(a.device)
     cuda = device.startswith("cuda")
     if a.quick:
-        grid = [BenchConfig(d_in=64, k=8, n_tokens=256, expansion=a.expansion, dead_frac=a.dead_frac)]
+        grid = [BenchConfig(d_in=64, k=8, n_tokens=256, expansion=a.expansion, dead_frac=f) for f in a.dead_frac]
         warmup, reps = 1 if a.warmup is None else a.warmup, 2 if a.reps is None else a.reps
     else:
         d_ins = a.d_in or ([576, 768, 2048] if cuda else [576, 768])
         ks = a.k or ([32, 128] if cuda else [32])
-        grid = [BenchConfig(d_in=d, k=k, n_tokens=a.tokens, expansion=a.expansion, dead_frac=a.dead_frac)
-                for d in d_ins for k in ks]
+        grid = [BenchConfig(d_in=d, k=k, n_tokens=n, expansion=a.expansion, dead_frac=f)
+                for d in d_ins for k in ks for n in a.tokens for f in a.dead_frac]
         warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
         # CPU 5: the default grid then takes about 4-5 minutes on an idle 2-core machine (bench/README.md)
         reps = a.reps if a.reps is not None else (20 if cuda else 5)
@@ -163,6 +172,13 @@ def main(argv=None) -> int:
     unknown = sorted(set(sides) - set(SIDES))
     if unknown:
         raise SystemExit(f"--sides: unknown {unknown}; choose from {SIDES}")
+    for spec in (v.strip() for v in a.variants.split(";")):
+        if spec:
+            try:
+                parse_variant(spec)
+            except ValueError as exc:
+                raise SystemExit(f"--variants: {exc}") from None
+            sides.append(f"ours[{spec}]")
     notes = []
     sp_ok, sp_reason = sparsify_available()
     if "sparsify" in sides and not sp_ok:
@@ -234,8 +250,8 @@ def main(argv=None) -> int:
     if not a.no_kernels:
         kc = _pick_target(grid)
         if a.kernel_config:
-            kc = BenchConfig(d_in=a.kernel_config[0], k=a.kernel_config[1], n_tokens=a.tokens,
-                             expansion=a.expansion, dead_frac=a.dead_frac)
+            kc = BenchConfig(d_in=a.kernel_config[0], k=a.kernel_config[1], n_tokens=a.tokens[0],
+                             expansion=a.expansion, dead_frac=a.dead_frac[0])
         log(f"{kc.name}: kernel micro-benchmarks")
         results["kernels"] = {"config": kc.to_dict(), **run_worker(
             "kernels", {**common, "config": kc.to_dict(), "reps": max(3, reps) if cuda else min(3, reps),
@@ -252,10 +268,9 @@ def main(argv=None) -> int:
 
 
 def _pick_target(grid: list[BenchConfig]) -> BenchConfig:
-    for c in grid:
-        if c.d_in == TARGET["d_in"] and c.k == TARGET["k"]:
-            return c
-    return grid[0]
+    """The target config (d_in 768, k 32), preferring 4096 tokens and the most common dead fraction (0.05)."""
+    matches = [c for c in grid if c.d_in == TARGET["d_in"] and c.k == TARGET["k"]] or grid
+    return min(matches, key=lambda c: (c.n_tokens != 4096, c.dead_frac != 0.05))
 
 
 def _failures(results: dict) -> list[str]:
