@@ -79,6 +79,14 @@ def parse_args(argv=None):
                    help="run the workers with THP_MEM_ALLOC_ENABLE=1 (torch backs allocations of 2 MB and more with "
                         "transparent huge pages: far fewer page faults for fresh large tensors; every side gets it, "
                         "as `sae train` sets it for itself on Linux) [off: the default environment]")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each side's training step on every grid config (torch.profiler; CUDA: per GPU "
+                        "kernel, self device time, GPU busy time and launches per step; CPU: per aten op, self CPU "
+                        "time) and print the per-kernel tables; written to profile.txt and results.json")
+    p.add_argument("--profile-only", action="store_true",
+                   help="only the profile (implies --profile, --no-memory, --no-kernels, no timing, no MLX)")
+    p.add_argument("--profile-steps", type=int, default=None, help="profiled steps per side [cuda 5, cpu 1]")
+    p.add_argument("--profile-rows", type=int, default=25, help="rows of each per-kernel table [25]")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     p.add_argument("--no-auxk-off", action="store_true", help="skip the AuxK-off peak-memory comparison")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
@@ -154,6 +162,8 @@ def main(argv=None) -> int:
         return 0
     device = resolve_device(a.device)
     cuda = device.startswith("cuda")
+    if a.profile_only:
+        a.profile = a.no_memory = a.no_kernels = a.no_mlx = True
     if a.quick:
         grid = [BenchConfig(d_in=64, k=8, n_tokens=256, expansion=a.expansion, dead_frac=f) for f in a.dead_frac]
         warmup, reps = 1 if a.warmup is None else a.warmup, 2 if a.reps is None else a.reps
@@ -219,11 +229,19 @@ def main(argv=None) -> int:
             if blas:
                 mlx_env = {"LD_PRELOAD": blas}
 
+    profile_steps = a.profile_steps if a.profile_steps is not None else (5 if cuda else 1)
     for cfg in grid:
         entry = {"config": cfg.to_dict()}
-        log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
-        entry["time"] = run_worker("time", {**common, "config": cfg.to_dict(), "sides": sides, "warmup": warmup,
-                                            "reps": reps}, a.timeout)
+        if not a.profile_only:
+            log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
+            entry["time"] = run_worker("time", {**common, "config": cfg.to_dict(), "sides": sides, "warmup": warmup,
+                                                "reps": reps}, a.timeout)
+        if a.profile:
+            log(f"{cfg.name}: profiling {', '.join(sides)} (1 warm-up + {profile_steps} profiled steps each)")
+            entry["profile"] = run_worker("profile", {**common, "config": cfg.to_dict(), "sides": sides,
+                                                      "steps": profile_steps, "rows": a.profile_rows}, a.timeout)
+            text = profile_text(results["configs"] + [entry])
+            (out_dir / "profile.txt").write_text(text)
         if not a.no_memory:
             entry["memory"] = {}
             for s in sides:
@@ -260,6 +278,8 @@ def main(argv=None) -> int:
     results["environment"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     md = _write(results, out_dir)
     print(md)
+    if a.profile:
+        print(profile_text(results["configs"]))
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {results['total_wall_s']:.0f} s")
     failed = _failures(results)
     for f in failed:
@@ -273,12 +293,35 @@ def _pick_target(grid: list[BenchConfig]) -> BenchConfig:
     return min(matches, key=lambda c: (c.n_tokens != 4096, c.dead_frac != 0.05))
 
 
+def profile_text(entries: list[dict]) -> str:
+    """The per-kernel tables of every profiled config and side, as text."""
+    lines = []
+    for e in entries:
+        prof = e.get("profile")
+        if prof is None:
+            continue
+        lines.append(f"===== {e['config']['name']} =====")
+        if not prof.get("ok"):
+            lines.append(f"profile failed: {prof.get('error')}")
+            continue
+        for side, v in prof["sides"].items():
+            head = f"--- {side}: {v['wall_s_per_step'] * 1e3:.3f} ms/step wall over {prof['steps']} profiled step(s)"
+            if "busy_s_per_step" in v:
+                head += (f"; GPU busy {v['busy_s_per_step'] * 1e3:.3f} ms/step "
+                         f"({100 * v['busy_s_per_step'] / v['wall_s_per_step']:.0f}%), "
+                         f"{v['kernel_launches_per_step']:.0f} kernel launches/step")
+            lines += [head, f"(sorted by {prof['sorted_by']}; totals over all profiled steps)", v["table"]]
+    return "\n".join(lines) + "\n"
+
+
 def _failures(results: dict) -> list[str]:
     bad = []
     for e in results["configs"]:
         name = e["config"]["name"]
-        if not e["time"].get("ok"):
+        if "time" in e and not e["time"].get("ok"):
             bad.append(f"{name} time: {e['time'].get('error')}")
+        if "profile" in e and not e["profile"].get("ok"):
+            bad.append(f"{name} profile: {e['profile'].get('error')}")
         for s, m in (e.get("memory") or {}).items():
             if not m.get("ok"):
                 bad.append(f"{name} memory {s}: {m.get('error')}")

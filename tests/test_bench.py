@@ -95,3 +95,36 @@ def test_candidates_match_sae_torch():
         ref = sr.scatter_outer_reference(w, idx, rows, m)
         for name, fn in C.SCATTER_OUTER.items():
             torch.testing.assert_close(fn(w, idx, rows, m), ref, msg=name)
+
+
+@pytest.mark.slow
+def test_quick_profile_grid_and_variants(tmp_path):
+    """--profile-only over a two-point grid (dead fractions 0 and 0.3) with two variant sides: the per-kernel table
+    of every side is printed, written to profile.txt and recorded; no timing or memory runs."""
+    results, md = _run_bench(tmp_path, "--profile-only", "--dead-frac", "0,0.3",
+                             "--variants", "topk=triton;scatter=dot,aux_ratio=0", "--sides", "ours")
+    names = [e["config"]["name"] for e in results["configs"]]
+    assert names == ["d64_M2048_k8_N256_noaux", "d64_M2048_k8_N256_dead0.3"]
+    text = (tmp_path / "profile.txt").read_text()
+    for entry in results["configs"]:
+        assert "time" not in entry and "memory" not in entry
+        prof = entry["profile"]
+        assert prof["ok"], prof
+        assert set(prof["sides"]) == {"ours", "ours[topk=triton]", "ours[scatter=dot,aux_ratio=0]"}
+        for side, v in prof["sides"].items():
+            assert v["wall_s_per_step"] > 0 and v["top"] and v["top"][0]["self_s_per_step"] > 0
+            assert f"--- {side}: " in text
+        assert f"===== {entry['config']['name']} =====" in text
+    assert "aten::topk" in text  # the default selection, on CPU (the Triton one needs CUDA or the interpreter)
+    assert "not timed (--profile-only" in md
+
+
+def test_variant_and_grid_flags_are_checked():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--variants", "topk"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--variants: 'topk' is not key=value" in proc.stderr
+    from bench.common import parse_variant, side_settings
+
+    assert parse_variant("topk=triton,aux_ratio=32") == {"selection_kernel": "triton", "aux_dense_max_ratio": 32.0}
+    assert side_settings("ours[scatter=dot]") == {"scatter_kernel": "dot"} and side_settings("ours") == {}
