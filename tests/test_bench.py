@@ -128,3 +128,25 @@ def test_variant_and_grid_flags_are_checked():
 
     assert parse_variant("topk=triton,aux_ratio=32") == {"selection_kernel": "triton", "aux_dense_max_ratio": 32.0}
     assert side_settings("ours[scatter=dot]") == {"scatter_kernel": "dot"} and side_settings("ours") == {}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_in_the_interpreter(tmp_path):
+    """bench.gpu_check (run by bench/gpu_session.sh on a GPU) on CPU through Triton's interpreter, tiny shapes: the
+    variants agree with the defaults (values, errors, losses), so the script a GPU session runs does not rot."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "SAE_TRITON_CPU": "1",
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--tiny", "--reps", "1",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    (sel,) = res["selection"]
+    assert sel["triton max same values"] and sel["triton bitonic same values"]
+    (sc,) = res["scatter_outer"]
+    assert sc["triton dot max rel err"] <= 2.0**-7 and sc["triton segment max rel err"] <= 2.0**-7  # bf16 output
+    assert len(res["coder_step"]) == 4
+    for row in res["coder_step"]:
+        assert abs(row["fvu"] - row["fvu default"]) <= 1e-5 * row["fvu default"], row
+        assert abs(row["auxk"] - row["auxk default"]) <= 1e-5 * row["auxk default"], row
+        assert row["worst grad rel diff"] <= 1e-5, row
