@@ -249,12 +249,14 @@ def mode_kernels(args) -> dict:
             if have_sparsify:
                 ab["sparsify (decode backward above; no encoder gradient)"] = {
                     "median_s": db["sparsify decoder_impl"]["median_s"]}
-            ratio = SparseCoder.aux_dense_max_ratio
-            dense_path = dead_idx.numel() <= ratio * k_aux
+            ratio, fraction = SparseCoder.aux_dense_max_ratio, SparseCoder.aux_dense_max_fraction
+            num_dead = dead_idx.numel()
+            dense_path = num_dead <= ratio * k_aux and num_dead <= fraction * cfg.num_latents
             res["auxk_path"] = (
                 f"SparseCoder takes {'subset_decode' if dense_path else 'the sparse kernels'} here: "
-                f"{dead_idx.numel()} dead latents {'<=' if dense_path else '>'} aux_dense_max_ratio ({ratio:g}) "
-                f"x k_aux ({k_aux}) = {ratio * k_aux:g}")
+                f"{num_dead} dead latents, dense when <= aux_dense_max_ratio ({ratio:g}) x k_aux ({k_aux}) = "
+                f"{ratio * k_aux:g} and <= aux_dense_max_fraction ({fraction:g}) x M ({cfg.num_latents}) = "
+                f"{fraction * cfg.num_latents:g}")
 
         # --- CPU alternatives for the two backward primitives, against sae_torch's
         if not cuda and args.get("candidates"):

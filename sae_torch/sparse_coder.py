@@ -48,10 +48,16 @@ class SparseCoder(nn.Module):
     # AuxK runs as dense GEMMs over the dead latents' rows (`subset_decode`) when there are at most this many
     # times k_aux dead latents, else through the sparse kernels. Measured on CPU (2 cores, d_in 768, 4096 tokens,
     # k_aux 384; AuxK forward + backward, sparse / dense time): 4.3x at 1 k_aux dead, 1.8x at 3.2, 1.5x at 8,
-    # 1.4x at 16, 1.07x at 32. Past 8 the [N, #dead] matrix keeps growing (at 8 it is [N, 4 d_out]) for a gain
-    # that fades by 32. The parity fixtures' all-dead case (11 k_aux) keeps the sparse path covered. An instance
-    # may set it (0: always sparse).
-    aux_dense_max_ratio: float = 8.0
+    # 1.4x at 16, 1.07x at 32. Whole training steps (d768 M24576 k32, bench/README.md "AuxK path by dead
+    # fraction"): with 20-25% of latents dead (12.8-16 k_aux) the dense path was faster at 5 of 6 (N, dead) points,
+    # by up to 1.48x, so 16 (up to a quarter of M at expansion 32; the [N, #dead] activations then live into the
+    # backward) rather than the earlier 8. Past 16 the gain fades (1.07x at 32) while that matrix keeps growing.
+    # A second bound keeps memory in check: at most aux_dense_max_fraction of all latents dead (the [N, #dead]
+    # activations that live into the backward stay within a quarter of the [N, M] pre-activations the forward
+    # holds anyway). The parity fixtures' all-dead case keeps the sparse path covered. An instance may set either
+    # (0: always sparse).
+    aux_dense_max_ratio: float = 16.0
+    aux_dense_max_fraction: float = 0.25
     # How the forward selects the latents: "torch" (ReLU, torch.topk, the AuxK top-k over the gathered dead
     # columns) or the one-read Triton top-k of kernels/topk.py ("triton": k row-max rounds per tile;
     # "triton-bitonic": tl.topk per tile), which applies where the sparse kernels run Triton (CUDA; see
@@ -222,7 +228,7 @@ class SparseCoder(nn.Module):
         top_acts = self.acts_at(x_in, bias, indices, values)
         e_hat = None
         if num_dead:
-            if num_dead <= self.aux_dense_max_ratio * k_aux:
+            if self.aux_takes_dense_path(num_dead, k_aux):
                 slots = torch.searchsorted(dead, sel.aux_indices)  # dead is sorted: the AuxK slots among it
                 dense_acts = sel.aux_values.new_zeros(len(x_in), num_dead).scatter_(-1, slots, sel.aux_values)
                 e_hat = subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
@@ -231,13 +237,18 @@ class SparseCoder(nn.Module):
                                       self.W_dec, self.scatter_kernel)
         return top_acts, indices, e_hat, multi
 
+    def aux_takes_dense_path(self, num_dead: int, k_aux: int) -> bool:
+        """Whether AuxK runs as dense GEMMs over the dead rows (`subset_decode`); see aux_dense_max_ratio."""
+        return (num_dead <= self.aux_dense_max_ratio * k_aux
+                and num_dead <= self.aux_dense_max_fraction * self.num_latents)
+
     def aux_reconstruction(self, x_in: Tensor, bias: Tensor, dead_pre: Tensor, dead: Tensor) -> Tensor:
         """e_hat = sum over each token's AuxK latents of act * W_dec row (no b_dec), differentiable w.r.t. the
         encoder and decoder. `dead_pre` holds the pre-activations at the dead latents `dead` (its memory is reused).
         Dense GEMMs over the dead rows when few latents are dead, else the sparse kernels."""
         slots = self._aux_slots(dead_pre)
         chosen = dead_pre.gather(-1, slots)
-        if len(dead) <= self.aux_dense_max_ratio * slots.shape[-1]:
+        if self.aux_takes_dense_path(len(dead), slots.shape[-1]):
             dense_acts = dead_pre.zero_().scatter_(-1, slots, chosen)
             return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
         indices = dead[slots]

@@ -704,9 +704,10 @@ def test_triton_fused_selection_coder_matches_torch_selection(monkeypatch, multi
     torch.manual_seed(0)
     sae = SparseCoder(d, SparseCoderConfig(k=4, expansion_factor=4, multi_topk=multi_topk))
     x = torch.randn(n, d)
-    sae.aux_dense_max_ratio = aux_ratio  # 0: the sparse AuxK path
+    sae.aux_dense_max_ratio, sae.aux_dense_max_fraction = aux_ratio, 1.0  # ratio 0: the sparse AuxK path
     dead = torch.rand(sae.num_latents, generator=torch.Generator().manual_seed(1)) < 0.3
     assert int(dead.sum()) > d // 2  # k_aux = d // 2 of them
+    assert sae.aux_takes_dense_path(int(dead.sum()), d // 2) == (aux_ratio > 0)
 
     def run(kernel):
         sae.zero_grad()
