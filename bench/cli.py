@@ -16,7 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SIDES, VARIANT_KEYS, BenchConfig, parse_variant, describe_environment, dump, mlx_available, sparsify_available
+from bench.common import (
+    SIDES,
+    VARIANT_KEYS,
+    BenchConfig,
+    describe_environment,
+    dump,
+    mlx_available,
+    parse_variant,
+    sparsify_available,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = {"d_in": 768, "k": 32, "speed_ratio_min": 1.5, "memory_ratio_max": 0.7}

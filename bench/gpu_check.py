@@ -54,7 +54,8 @@ def check_selection(n: int, m: int, k: int, k_aux: int, device: str, reps: int) 
     row = {"shape": f"N={n} M={m} k={k} k_aux={k_aux} bf16", "torch relu+topk+auxk_s": t_ref,
            "torch topk(k) alone_s": t_topk_only}
     for method in ("max", "bitonic"):
-        t, sel = _timed(lambda: select_topk_triton(pre, k, aux_mask=dead, k_aux=k_aux, method=method), device, reps)
+        t, sel = _timed(lambda how=method: select_topk_triton(pre, k, aux_mask=dead, k_aux=k_aux, method=how),
+                        device, reps)
         same = (torch.equal(sel.values.sort(-1).values, ref.values.sort(-1).values)
                 and torch.equal(sel.aux_values.sort(-1).values, ref.aux_values.sort(-1).values))
         row[f"triton {method}_s"] = t
@@ -75,7 +76,7 @@ def check_scatter(n: int, m: int, k: int, d: int, device: str, reps: int) -> dic
     row = {"shape": f"N={n} M={m} k={k} d={d} bf16", "reference_s": t_ref}
     scale = ref.float().abs().max().item() or 1.0
     for kernel in sr.SCATTER_KERNELS:
-        t, out = _timed(lambda: sr.scatter_outer_triton(w, idx, rows, m, kernel=kernel), device, reps)
+        t, out = _timed(lambda kn=kernel: sr.scatter_outer_triton(w, idx, rows, m, kernel=kn), device, reps)
         row[f"triton {kernel}_s"] = t
         row[f"triton {kernel} max rel err"] = (out.float() - ref.float()).abs().max().item() / scale
     return row
