@@ -2,7 +2,8 @@
 
 Modes: ``time`` (all torch sides of one config, steps interleaved), ``memory`` (one side of one config, in this
 fresh process), ``kernels`` (kernel micro-benchmarks), ``profile`` (per-kernel table of each side's step), ``mlx``
-(the MLX backend: time and memory). Each writes one JSON object to RESULT_PATH. The orchestrator (`bench.cli`) starts them; they are not meant to be run by hand.
+(the MLX backend: time and memory). Each writes one JSON object to RESULT_PATH. The orchestrator (`bench.cli`)
+starts them; they are not meant to be run by hand.
 """
 from __future__ import annotations
 
@@ -315,8 +316,9 @@ def mode_profile(args) -> dict:
                         "self_s_per_step": getattr(e, sort_key) / 1e6 / steps} for e in averages),
                       key=lambda r: -r["self_s_per_step"])
         rows = [r for r in rows if r["self_s_per_step"] > 0]
-        entry = {"wall_s_per_step": wall, "top": rows[: int(args.get("rows", 25))],
-                 "table": averages.table(sort_by=sort_key, row_limit=int(args.get("rows", 25)), max_name_column_width=90)}
+        n_rows = int(args.get("rows", 25))
+        entry = {"wall_s_per_step": wall, "top": rows[:n_rows],
+                 "table": averages.table(sort_by=sort_key, row_limit=n_rows, max_name_column_width=90)}
         if cuda:
             kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
             entry["busy_s_per_step"] = sum(e.self_device_time_total for e in kernels) / 1e6 / steps
