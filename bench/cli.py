@@ -16,7 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import SIDES, BenchConfig, describe_environment, dump, mlx_available, sparsify_available
+from bench.common import (
+    SIDES,
+    VARIANT_KEYS,
+    BenchConfig,
+    describe_environment,
+    dump,
+    mlx_available,
+    parse_variant,
+    sparsify_available,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = {"d_in": 768, "k": 32, "speed_ratio_min": 1.5, "memory_ratio_max": 0.7}
@@ -32,6 +41,10 @@ def _ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",") if v.strip()]
 
 
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -44,15 +57,20 @@ def parse_args(argv=None):
                    help="comma-separated d_in values [cpu: 576,768; cuda: 576,768,2048]")
     p.add_argument("--k", type=_ints, default=None, help="comma-separated k values [cuda: 32,128; cpu: 32]")
     p.add_argument("--expansion", type=int, default=32, help="M = expansion * d_in [32]")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per step [4096]")
-    p.add_argument("--dead-frac", type=float, default=0.05,
-                   help="fraction of latents marked dead, so AuxK runs with k_aux = min(d_in/2, #dead) [0.05]")
+    p.add_argument("--tokens", type=_ints, default=[4096], help="comma-separated tokens per step [4096]")
+    p.add_argument("--dead-frac", type=_floats, default=[0.05],
+                   help="comma-separated fractions of latents marked dead, so AuxK runs with k_aux = "
+                        "min(d_in/2, #dead); 0 turns AuxK off [0.05]")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per side [cpu 1, cuda 3]")
     p.add_argument("--reps", type=int, default=None, help="timed steps per side; the median is reported "
                                                           "[cpu 5, cuda 20]")
     p.add_argument("--sides", default=",".join(SIDES),
                    help=f"torch sides to run, comma-separated, from {','.join(SIDES)} [{','.join(SIDES)}]; "
                         "sparsify is skipped with a note when it is not importable")
+    p.add_argument("--variants", default="",
+                   help="extra 'ours' sides with other settings, ';'-separated, each 'key=value[,key=value]' "
+                        f"with keys {', '.join(VARIANT_KEYS)} (e.g. 'topk=triton;scatter=dot;aux_ratio=32'); each "
+                        "runs interleaved with the others as side 'ours[SPEC]' []")
     p.add_argument("--no-mlx", action="store_true", help="skip the MLX backend")
     p.add_argument("--mlx-blas", default="auto",
                    help="OpenBLAS library to LD_PRELOAD into the MLX worker on Linux ('auto': Debian's "
@@ -77,6 +95,14 @@ def parse_args(argv=None):
                    help="run the workers with THP_MEM_ALLOC_ENABLE=1 (torch backs allocations of 2 MB and more with "
                         "transparent huge pages: far fewer page faults for fresh large tensors; every side gets it, "
                         "as `sae train` sets it for itself on Linux) [off: the default environment]")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile each side's training step on every grid config (torch.profiler; CUDA: per GPU "
+                        "kernel, self device time, GPU busy time and launches per step; CPU: per aten op, self CPU "
+                        "time) and print the per-kernel tables; written to profile.txt and results.json")
+    p.add_argument("--profile-only", action="store_true",
+                   help="only the profile (implies --profile, --no-memory, --no-kernels, no timing, no MLX)")
+    p.add_argument("--profile-steps", type=int, default=None, help="profiled steps per side [cuda 5, cpu 1]")
+    p.add_argument("--profile-rows", type=int, default=25, help="rows of each per-kernel table [25]")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     p.add_argument("--no-auxk-off", action="store_true", help="skip the AuxK-off peak-memory comparison")
     p.add_argument("--no-kernels", action="store_true", help="skip the kernel micro-benchmarks")
@@ -183,14 +209,16 @@ def main(argv=None) -> int:
         return 0
     device = resolve_device(a.device)
     cuda = device.startswith("cuda")
+    if a.profile_only:
+        a.profile = a.no_memory = a.no_kernels = a.no_mlx = True
     if a.quick:
-        grid = [BenchConfig(d_in=64, k=8, n_tokens=256, expansion=a.expansion, dead_frac=a.dead_frac)]
+        grid = [BenchConfig(d_in=64, k=8, n_tokens=256, expansion=a.expansion, dead_frac=f) for f in a.dead_frac]
         warmup, reps = 1 if a.warmup is None else a.warmup, 2 if a.reps is None else a.reps
     else:
         d_ins = a.d_in or ([576, 768, 2048] if cuda else [576, 768])
         ks = a.k or ([32, 128] if cuda else [32])
-        grid = [BenchConfig(d_in=d, k=k, n_tokens=a.tokens, expansion=a.expansion, dead_frac=a.dead_frac)
-                for d in d_ins for k in ks]
+        grid = [BenchConfig(d_in=d, k=k, n_tokens=n, expansion=a.expansion, dead_frac=f)
+                for d in d_ins for k in ks for n in a.tokens for f in a.dead_frac]
         warmup = a.warmup if a.warmup is not None else (3 if cuda else 1)
         # CPU 5: the default grid then takes about 4-5 minutes on an idle 2-core machine (bench/README.md)
         reps = a.reps if a.reps is not None else (20 if cuda else 5)
@@ -201,6 +229,13 @@ def main(argv=None) -> int:
     unknown = sorted(set(sides) - set(SIDES))
     if unknown:
         raise SystemExit(f"--sides: unknown {unknown}; choose from {SIDES}")
+    for spec in (v.strip() for v in a.variants.split(";")):
+        if spec:
+            try:
+                parse_variant(spec)
+            except ValueError as exc:
+                raise SystemExit(f"--variants: {exc}") from None
+            sides.append(f"ours[{spec}]")
     notes = []
     sp_ok, sp_reason = sparsify_available()
     if "sparsify" in sides and not sp_ok:
@@ -247,11 +282,19 @@ def main(argv=None) -> int:
 
     no_memory = a.no_memory or device == "mps"
     mlx_variants = parse_mlx_variants(a.mlx_variants)
+    profile_steps = a.profile_steps if a.profile_steps is not None else (5 if cuda else 1)
     for cfg in grid:
         entry = {"config": cfg.to_dict()}
-        log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
-        entry["time"] = run_worker("time", {**common, "config": cfg.to_dict(), "sides": sides, "warmup": warmup,
-                                            "reps": reps}, a.timeout)
+        if not a.profile_only:
+            log(f"{cfg.name}: timing {', '.join(sides)} (interleaved, {warmup} warm-up + {reps} timed steps each)")
+            entry["time"] = run_worker("time", {**common, "config": cfg.to_dict(), "sides": sides, "warmup": warmup,
+                                                "reps": reps}, a.timeout)
+        if a.profile:
+            log(f"{cfg.name}: profiling {', '.join(sides)} (1 warm-up + {profile_steps} profiled steps each)")
+            entry["profile"] = run_worker("profile", {**common, "config": cfg.to_dict(), "sides": sides,
+                                                      "steps": profile_steps, "rows": a.profile_rows}, a.timeout)
+            text = profile_text(results["configs"] + [entry])
+            (out_dir / "profile.txt").write_text(text)
         if not no_memory:
             entry["memory"] = {}
             for s in sides:
@@ -284,8 +327,8 @@ def main(argv=None) -> int:
     if not a.no_kernels:
         kc = _pick_target(grid)
         if a.kernel_config:
-            kc = BenchConfig(d_in=a.kernel_config[0], k=a.kernel_config[1], n_tokens=a.tokens,
-                             expansion=a.expansion, dead_frac=a.dead_frac)
+            kc = BenchConfig(d_in=a.kernel_config[0], k=a.kernel_config[1], n_tokens=a.tokens[0],
+                             expansion=a.expansion, dead_frac=a.dead_frac[0])
         log(f"{kc.name}: kernel micro-benchmarks")
         results["kernels"] = {"config": kc.to_dict(), **run_worker(
             "kernels", {**common, "config": kc.to_dict(), "reps": max(3, reps) if cuda else min(3, reps),
@@ -294,6 +337,8 @@ def main(argv=None) -> int:
     results["environment"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     md = _write(results, out_dir)
     print(md)
+    if a.profile:
+        print(profile_text(results["configs"]))
     log(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'} in {results['total_wall_s']:.0f} s")
     failed = _failures(results)
     for f in failed:
@@ -302,18 +347,40 @@ def main(argv=None) -> int:
 
 
 def _pick_target(grid: list[BenchConfig]) -> BenchConfig:
-    for c in grid:
-        if c.d_in == TARGET["d_in"] and c.k == TARGET["k"]:
-            return c
-    return grid[0]
+    """The target config (d_in 768, k 32), preferring 4096 tokens and the most common dead fraction (0.05)."""
+    matches = [c for c in grid if c.d_in == TARGET["d_in"] and c.k == TARGET["k"]] or grid
+    return min(matches, key=lambda c: (c.n_tokens != 4096, c.dead_frac != 0.05))
+
+
+def profile_text(entries: list[dict]) -> str:
+    """The per-kernel tables of every profiled config and side, as text."""
+    lines = []
+    for e in entries:
+        prof = e.get("profile")
+        if prof is None:
+            continue
+        lines.append(f"===== {e['config']['name']} =====")
+        if not prof.get("ok"):
+            lines.append(f"profile failed: {prof.get('error')}")
+            continue
+        for side, v in prof["sides"].items():
+            head = f"--- {side}: {v['wall_s_per_step'] * 1e3:.3f} ms/step wall over {prof['steps']} profiled step(s)"
+            if "busy_s_per_step" in v:
+                head += (f"; GPU busy {v['busy_s_per_step'] * 1e3:.3f} ms/step "
+                         f"({100 * v['busy_s_per_step'] / v['wall_s_per_step']:.0f}%), "
+                         f"{v['kernel_launches_per_step']:.0f} kernel launches/step")
+            lines += [head, f"(sorted by {prof['sorted_by']}; totals over all profiled steps)", v["table"]]
+    return "\n".join(lines) + "\n"
 
 
 def _failures(results: dict) -> list[str]:
     bad = []
     for e in results["configs"]:
         name = e["config"]["name"]
-        if not e["time"].get("ok"):
+        if "time" in e and not e["time"].get("ok"):
             bad.append(f"{name} time: {e['time'].get('error')}")
+        if "profile" in e and not e["profile"].get("ok"):
+            bad.append(f"{name} profile: {e['profile'].get('error')}")
         for s, m in (e.get("memory") or {}).items():
             if not m.get("ok"):
                 bad.append(f"{name} memory {s}: {m.get('error')}")

@@ -167,6 +167,31 @@ def initial_state(cfg: BenchConfig, x):
 
 
 SIDES = ("ours", "sparsify")
+
+# --variants keys: extra "ours" sides whose SparseCoder gets another setting (the attribute named here), so that
+# kernels landed behind a setting are timed side by side with the default and with sparsify.
+VARIANT_KEYS = {
+    "topk": ("selection_kernel", str),  # "torch" (torch.topk) or "triton" (kernels/topk.py)
+    "scatter": ("scatter_kernel", str),  # "segment" or "dot" (the Triton scatter_outer, kernels/sparse_rows.py)
+    "aux_ratio": ("aux_dense_max_ratio", float),  # dense-subset AuxK up to this many times k_aux dead latents
+}
+
+
+def parse_variant(spec: str) -> dict:
+    """'topk=triton,aux_ratio=32' -> {"selection_kernel": "triton", "aux_dense_max_ratio": 32.0}."""
+    settings = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key.strip() not in VARIANT_KEYS:
+            raise ValueError(f"'{item}' is not key=value with a key from {', '.join(VARIANT_KEYS)}")
+        attr, kind = VARIANT_KEYS[key.strip()]
+        settings[attr] = kind(value.strip())
+    return settings
+
+
+def side_settings(side: str) -> dict:
+    """The SparseCoder settings of a side name: {} for "ours", parse_variant(SPEC) for "ours[SPEC]"."""
+    return parse_variant(side[len("ours["):-1]) if side.startswith("ours[") and side.endswith("]") else {}
 SIDE_LABELS = {
     "ours": "ours (sae_torch)",
     "sparsify": "sparsify 1.3.3",
@@ -175,11 +200,13 @@ SIDE_LABELS = {
 
 
 def build_side(side: str, cfg: BenchConfig, state: dict, device: str):
-    if side == "ours":
+    if side == "ours" or side.startswith("ours["):
         from sae_core.config import SparseCoderConfig
         from sae_torch import SparseCoder
 
         sae = SparseCoder(cfg.d_in, SparseCoderConfig(k=cfg.k, multi_topk=cfg.multi_topk), device=device)
+        for attr, value in side_settings(side).items():
+            setattr(sae, attr, value)
     elif side == "sparsify":
         import_sparsify(device)
         from sparsify import SparseCoder as TheirCoder

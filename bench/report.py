@@ -75,7 +75,10 @@ def markdown(results: dict, target: dict) -> str:
     for e in results["configs"]:
         c = e["config"]
         cname = f"d_in={c['d_in']} M={c['num_latents']} k={c['k']} N={c['n_tokens']} dead={c['num_dead']}"
-        t = e["time"]
+        t = e.get("time")
+        if t is None:  # --profile-only
+            L.append(f"| {cname} | all | not timed (--profile-only; see profile.txt) |")
+            continue
         if not t.get("ok"):
             L.append(f"| {cname} | all | failed: {t.get('error')} |")
             continue

@@ -1,8 +1,9 @@
 """Worker process of the benchmark: ``python -m bench.worker MODE JSON_ARGS RESULT_PATH``.
 
 Modes: ``time`` (all torch sides of one config, steps interleaved), ``memory`` (one side of one config, in this
-fresh process), ``kernels`` (kernel micro-benchmarks), ``mlx`` (the MLX backend: time and memory). Each writes one
-JSON object to RESULT_PATH. The orchestrator (`bench.cli`) starts them; they are not meant to be run by hand.
+fresh process), ``kernels`` (kernel micro-benchmarks), ``profile`` (per-kernel table of each side's step), ``mlx``
+(the MLX backend: time and memory). Each writes one JSON object to RESULT_PATH. The orchestrator (`bench.cli`)
+starts them; they are not meant to be run by hand.
 """
 from __future__ import annotations
 
@@ -249,12 +250,14 @@ def mode_kernels(args) -> dict:
             if have_sparsify:
                 ab["sparsify (decode backward above; no encoder gradient)"] = {
                     "median_s": db["sparsify decoder_impl"]["median_s"]}
-            ratio = SparseCoder.aux_dense_max_ratio
-            dense_path = dead_idx.numel() <= ratio * k_aux
+            ratio, fraction = SparseCoder.aux_dense_max_ratio, SparseCoder.aux_dense_max_fraction
+            num_dead = dead_idx.numel()
+            dense_path = num_dead <= ratio * k_aux and num_dead <= fraction * cfg.num_latents
             res["auxk_path"] = (
                 f"SparseCoder takes {'subset_decode' if dense_path else 'the sparse kernels'} here: "
-                f"{dead_idx.numel()} dead latents {'<=' if dense_path else '>'} aux_dense_max_ratio ({ratio:g}) "
-                f"x k_aux ({k_aux}) = {ratio * k_aux:g}")
+                f"{num_dead} dead latents, dense when <= aux_dense_max_ratio ({ratio:g}) x k_aux ({k_aux}) = "
+                f"{ratio * k_aux:g} and <= aux_dense_max_fraction ({fraction:g}) x M ({cfg.num_latents}) = "
+                f"{fraction * cfg.num_latents:g}")
 
         # --- CPU alternatives for the two backward primitives, against sae_torch's
         if not cuda and args.get("candidates"):
@@ -276,13 +279,65 @@ def mode_kernels(args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def mode_profile(args) -> dict:
+    """Per-kernel table of each side's training step (torch.profiler): after one warm-up step per side,
+    args["steps"] profiled steps per side. On CUDA the table is sorted by self device time (each GPU kernel's own
+    time) and `busy_s_per_step` (the sum of kernel times) shows how much of the step keeps the GPU busy; on CPU by
+    self CPU time (each aten op's own time)."""
+    torch = _setup(args)
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.common import BenchConfig, build_side, initial_state, make_data, train_step
+
+    cfg = BenchConfig.from_dict(args["config"])
+    device = args["device"]
+    cuda = device.startswith("cuda")
+    x, dead = make_data(cfg, device)
+    dead_arg = dead if cfg.num_dead else None
+    state = initial_state(cfg, x)
+    steps = int(args["steps"])
+    sort_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {"steps": steps, "sorted_by": sort_key, "sides": {}}
+    for side in args["sides"]:
+        sae, opt = build_side(side, cfg, state, device)
+        train_step(sae, opt, x, dead_arg, device)  # warm-up: lazy initialisation, Triton compilation
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(sae, opt, x, dead_arg, device)
+            if cuda:
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / steps
+        averages = prof.key_averages()
+        rows = sorted(({"name": e.key, "calls_per_step": e.count / steps,
+                        "self_s_per_step": getattr(e, sort_key) / 1e6 / steps} for e in averages),
+                      key=lambda r: -r["self_s_per_step"])
+        rows = [r for r in rows if r["self_s_per_step"] > 0]
+        n_rows = int(args.get("rows", 25))
+        entry = {"wall_s_per_step": wall, "top": rows[:n_rows],
+                 "table": averages.table(sort_by=sort_key, row_limit=n_rows, max_name_column_width=90)}
+        if cuda:
+            kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+            entry["busy_s_per_step"] = sum(e.self_device_time_total for e in kernels) / 1e6 / steps
+            entry["kernel_launches_per_step"] = sum(e.count for e in kernels) / steps
+        out["sides"][side] = entry
+        del sae, opt
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def mode_mlx(args) -> dict:
     from bench.mlx_side import run_mlx
 
     return run_mlx(args)
 
 
-MODES = {"time": mode_time, "memory": mode_memory, "kernels": mode_kernels, "mlx": mode_mlx}
+MODES = {"time": mode_time, "memory": mode_memory, "kernels": mode_kernels, "mlx": mode_mlx, "profile": mode_profile}
 
 
 def main(argv=None):

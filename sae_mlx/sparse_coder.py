@@ -123,7 +123,9 @@ class SparseCoder(nn.Module):
     # AuxK runs as dense matmuls over the dead latents' rows (`subset_decode`) when there are at most this many
     # times k_aux dead latents, else through the sparse kernels (as sae_torch; measured there, see its comment).
     # An instance may set it (0: always sparse). Inside mx.compile AuxK always takes the fixed-size sparse path.
-    aux_dense_max_ratio: float = 8.0
+    # aux_dense_max_fraction: also at most this fraction of all latents dead (as sae_torch).
+    aux_dense_max_ratio: float = 16.0
+    aux_dense_max_fraction: float = 0.25
 
     def __init__(self, d_in: int, cfg: SparseCoderConfig, *, dtype: mx.Dtype | None = None,
                  decoder: bool = True, d_out: int | None = None):
@@ -334,7 +336,8 @@ class SparseCoder(nn.Module):
         the dead rows when few latents are dead, else the sparse kernels."""
         slots = self._aux_slots(dead_pre)
         chosen = self.gather_chosen(dead_pre, slots)
-        if dead.size <= self.aux_dense_max_ratio * slots.shape[-1]:
+        if (dead.size <= self.aux_dense_max_ratio * slots.shape[-1]
+                and dead.size <= self.aux_dense_max_fraction * self._num_latents):
             dense_acts = mx.put_along_axis(mx.zeros_like(dead_pre), slots, chosen, axis=-1)
             return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
         indices = dead[slots]

@@ -22,7 +22,10 @@ from sae_core.config import SparseCoderConfig
 from sae_core.hub import coder_folders, hub_coder_folder
 
 from .kernels.row_subset import subset_decode
-from .kernels.sparse_rows import sparse_decode, sparse_encode
+from .kernels.sparse_rows import sparse_decode, sparse_encode, use_triton
+from .kernels.topk import select_topk
+
+SELECTION_KERNELS = ("torch", "triton", "triton-bitonic")
 
 _TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -57,10 +60,25 @@ class SparseCoder(nn.Module):
     # AuxK runs as dense GEMMs over the dead latents' rows (`subset_decode`) when there are at most this many
     # times k_aux dead latents, else through the sparse kernels. Measured on CPU (2 cores, d_in 768, 4096 tokens,
     # k_aux 384; AuxK forward + backward, sparse / dense time): 4.3x at 1 k_aux dead, 1.8x at 3.2, 1.5x at 8,
-    # 1.4x at 16, 1.07x at 32. Past 8 the [N, #dead] matrix keeps growing (at 8 it is [N, 4 d_out]) for a gain
-    # that fades by 32. The parity fixtures' all-dead case (11 k_aux) keeps the sparse path covered. An instance
-    # may set it (0: always sparse).
-    aux_dense_max_ratio: float = 8.0
+    # 1.4x at 16, 1.07x at 32. Whole training steps (d768 M24576 k32, bench/README.md "AuxK path by dead
+    # fraction"): with 20-25% of latents dead (12.8-16 k_aux) the dense path was faster at 5 of 6 (N, dead) points,
+    # by up to 1.48x, so 16 (up to a quarter of M at expansion 32; the [N, #dead] activations then live into the
+    # backward) rather than the earlier 8. Past 16 the gain fades (1.07x at 32) while that matrix keeps growing.
+    # A second bound keeps memory in check: at most aux_dense_max_fraction of all latents dead (the [N, #dead]
+    # activations that live into the backward stay within a quarter of the [N, M] pre-activations the forward
+    # holds anyway). The parity fixtures' all-dead case keeps the sparse path covered. An instance may set either
+    # (0: always sparse).
+    aux_dense_max_ratio: float = 16.0
+    aux_dense_max_fraction: float = 0.25
+    # How the forward selects the latents: "torch" (ReLU, torch.topk, the AuxK top-k over the gathered dead
+    # columns) or the one-read Triton top-k of kernels/topk.py ("triton": k row-max rounds per tile;
+    # "triton-bitonic": tl.topk per tile), which applies where the sparse kernels run Triton (CUDA; see
+    # kernels.sparse_rows.use_triton) and not to groupmax. "torch" stays the default until a GPU measures the others
+    # (bench --variants topk=triton). An instance may set it.
+    selection_kernel: str = "torch"
+    # The Triton scatter_outer (weight gradients) on CUDA: "segment" (per-latent CUDA-core reduction) or "dot"
+    # (sorted-by-latent token blocks through tl.dot); kernels.sparse_rows.scatter_outer_triton. Not used on CPU.
+    scatter_kernel: str = "segment"
 
     def __init__(self, d_in: int, cfg: SparseCoderConfig, *, device: str | torch.device = "cpu",
                  dtype: torch.dtype | None = None, decoder: bool = True, d_out: int | None = None):
@@ -138,7 +156,8 @@ class SparseCoder(nn.Module):
         not). (x_in, bias) come from `sparse_encoder_inputs`."""
         bias = bias[indices]
         values = chosen.to(bias.dtype) - bias.detach()
-        return F.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values) + bias)
+        return F.relu(sparse_encode(x_in, self.encoder.weight, indices, values=values,
+                                    scatter_kernel=self.scatter_kernel) + bias)
 
     @staticmethod
     def gather_chosen(pre_acts: Tensor, indices: Tensor) -> Tensor:
@@ -167,7 +186,7 @@ class SparseCoder(nn.Module):
     def _decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         if self.W_dec is None:
             raise ValueError("this coder was loaded with decoder=False: it cannot decode")
-        return sparse_decode(top_acts, top_indices, self.W_dec) + self.b_dec
+        return sparse_decode(top_acts, top_indices, self.W_dec, self.scatter_kernel) + self.b_dec
 
     def forward(self, x: Tensor, y: Tensor | None = None, *, dead_mask: Tensor | None = None) -> ForwardOutput:
         inputs.check_forward(_info(x), None if y is None else _info(y), None if dead_mask is None else _info(dead_mask),
@@ -176,19 +195,24 @@ class SparseCoder(nn.Module):
         # queued first so that the host read below finds it done (it only needs y)
         total_variance = (y - y.mean(0)).float().pow(2).sum()
         x_in, bias = self.sparse_encoder_inputs(x)
-        pre_acts = self.pre_acts(x_in)
-        top_indices = self.select_indices(pre_acts)
-        top_acts = self.acts_at(x_in, bias, top_indices, self.gather_chosen(pre_acts, top_indices))
         dead = None if dead_mask is None else dead_mask.nonzero().squeeze(-1)
         # one scalar read; with a dead_mask the nonzero() above has already waited for the device
         inputs.check_total_variance(float(total_variance.detach()), y.shape[0])
         num_dead = 0 if dead is None else len(dead)
-        if num_dead:
-            e_hat = self.aux_reconstruction(x_in, bias, pre_acts.index_select(-1, dead), dead)
-        if self.cfg.multi_topk:
-            multi_indices = self.multi_topk_indices(pre_acts)
-            multi_acts = self.acts_at(x_in, bias, multi_indices, self.gather_chosen(pre_acts, multi_indices))
-        del pre_acts  # only the sparse selections live on: the backward needs no dense [N, M] tensor
+        if self._fused_selection_applies(x_in):
+            top_acts, top_indices, e_hat, multi = self._select_fused(x_in, bias, dead_mask, dead, num_dead)
+            if multi is not None:
+                multi_acts, multi_indices = multi
+        else:
+            pre_acts = self.pre_acts(x_in)
+            top_indices = self.select_indices(pre_acts)
+            top_acts = self.acts_at(x_in, bias, top_indices, self.gather_chosen(pre_acts, top_indices))
+            if num_dead:
+                e_hat = self.aux_reconstruction(x_in, bias, pre_acts.index_select(-1, dead), dead)
+            if self.cfg.multi_topk:
+                multi_indices = self.multi_topk_indices(pre_acts)
+                multi_acts = self.acts_at(x_in, bias, multi_indices, self.gather_chosen(pre_acts, multi_indices))
+            del pre_acts  # only the sparse selections live on: the backward needs no dense [N, M] tensor
 
         skip = x.to(self.W_skip.dtype) @ self.W_skip.mT if self.W_skip is not None else 0
         sae_out = self._decode(top_acts, top_indices) + skip
@@ -202,17 +226,60 @@ class SparseCoder(nn.Module):
             multi_topk_fvu = self.multi_topk_fvu(y, multi_acts, multi_indices, skip, total_variance)
         return ForwardOutput(sae_out, top_acts, top_indices, fvu, auxk_loss, multi_topk_fvu)
 
+    def _fused_selection_applies(self, x_in: Tensor) -> bool:
+        if self.selection_kernel not in SELECTION_KERNELS:
+            raise ValueError(f"selection_kernel must be one of {SELECTION_KERNELS}, got {self.selection_kernel!r}")
+        return (self.selection_kernel != "torch" and self.cfg.activation != "groupmax"
+                and use_triton(self.encoder.weight))
+
+    def _select_fused(self, x_in: Tensor, bias: Tensor, dead_mask: Tensor | None, dead: Tensor | None,
+                      num_dead: int):
+        """The selections by the one-read Triton top-k (kernels/topk.py): ReLU fused, the AuxK top-k over the dead
+        columns from the same read, no ReLU'd copy and no [N, #dead] gather of the pre-activations. Multi-TopK
+        selects its 4k and takes the top k among them (the top k of a row are the largest of its top 4k).
+        Returns (top_acts, top_indices, e_hat or None, (multi_acts, multi_indices) or None)."""
+        k = self.cfg.k
+        k_sel = min(4 * k, self.num_latents) if self.cfg.multi_topk else k
+        k_aux = min(self.d_out // 2, num_dead)
+        with torch.no_grad():
+            pre = F.linear(x_in, self.encoder.weight, self.encoder.bias)
+            sel = select_topk(pre, k_sel, relu=True, aux_mask=dead_mask.bool() if num_dead else None, k_aux=k_aux,
+                              method="bitonic" if self.selection_kernel == "triton-bitonic" else "max")
+            del pre
+        values, indices = sel.values, sel.indices
+        multi = None
+        if self.cfg.multi_topk:
+            multi = (self.acts_at(x_in, bias, indices, values), indices)
+            values, slots = values.topk(k, dim=-1, sorted=False)
+            indices = indices.gather(-1, slots)
+        top_acts = self.acts_at(x_in, bias, indices, values)
+        e_hat = None
+        if num_dead:
+            if self.aux_takes_dense_path(num_dead, k_aux):
+                slots = torch.searchsorted(dead, sel.aux_indices)  # dead is sorted: the AuxK slots among it
+                dense_acts = sel.aux_values.new_zeros(len(x_in), num_dead).scatter_(-1, slots, sel.aux_values)
+                e_hat = subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
+            else:
+                e_hat = sparse_decode(self.acts_at(x_in, bias, sel.aux_indices, sel.aux_values), sel.aux_indices,
+                                      self.W_dec, self.scatter_kernel)
+        return top_acts, indices, e_hat, multi
+
+    def aux_takes_dense_path(self, num_dead: int, k_aux: int) -> bool:
+        """Whether AuxK runs as dense GEMMs over the dead rows (`subset_decode`); see aux_dense_max_ratio."""
+        return (num_dead <= self.aux_dense_max_ratio * k_aux
+                and num_dead <= self.aux_dense_max_fraction * self.num_latents)
+
     def aux_reconstruction(self, x_in: Tensor, bias: Tensor, dead_pre: Tensor, dead: Tensor) -> Tensor:
         """e_hat = sum over each token's AuxK latents of act * W_dec row (no b_dec), differentiable w.r.t. the
         encoder and decoder. `dead_pre` holds the pre-activations at the dead latents `dead` (its memory is reused).
         Dense GEMMs over the dead rows when few latents are dead, else the sparse kernels."""
         slots = self._aux_slots(dead_pre)
         chosen = dead_pre.gather(-1, slots)
-        if len(dead) <= self.aux_dense_max_ratio * slots.shape[-1]:
+        if self.aux_takes_dense_path(len(dead), slots.shape[-1]):
             dense_acts = dead_pre.zero_().scatter_(-1, slots, chosen)
             return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
         indices = dead[slots]
-        return sparse_decode(self.acts_at(x_in, bias, indices, chosen), indices, self.W_dec)
+        return sparse_decode(self.acts_at(x_in, bias, indices, chosen), indices, self.W_dec, self.scatter_kernel)
 
     def auxk_loss(self, e: Tensor, e_hat: Tensor, num_dead: int, total_variance: Tensor) -> Tensor:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,

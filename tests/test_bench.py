@@ -95,3 +95,58 @@ def test_candidates_match_sae_torch():
         ref = sr.scatter_outer_reference(w, idx, rows, m)
         for name, fn in C.SCATTER_OUTER.items():
             torch.testing.assert_close(fn(w, idx, rows, m), ref, msg=name)
+
+
+@pytest.mark.slow
+def test_quick_profile_grid_and_variants(tmp_path):
+    """--profile-only over a two-point grid (dead fractions 0 and 0.3) with two variant sides: the per-kernel table
+    of every side is printed, written to profile.txt and recorded; no timing or memory runs."""
+    results, md = _run_bench(tmp_path, "--profile-only", "--dead-frac", "0,0.3",
+                             "--variants", "topk=triton;scatter=dot,aux_ratio=0", "--sides", "ours")
+    names = [e["config"]["name"] for e in results["configs"]]
+    assert names == ["d64_M2048_k8_N256_noaux", "d64_M2048_k8_N256_dead0.3"]
+    text = (tmp_path / "profile.txt").read_text()
+    for entry in results["configs"]:
+        assert "time" not in entry and "memory" not in entry
+        prof = entry["profile"]
+        assert prof["ok"], prof
+        assert set(prof["sides"]) == {"ours", "ours[topk=triton]", "ours[scatter=dot,aux_ratio=0]"}
+        for side, v in prof["sides"].items():
+            assert v["wall_s_per_step"] > 0 and v["top"] and v["top"][0]["self_s_per_step"] > 0
+            assert f"--- {side}: " in text
+        assert f"===== {entry['config']['name']} =====" in text
+    assert "aten::topk" in text  # the default selection, on CPU (the Triton one needs CUDA or the interpreter)
+    assert "not timed (--profile-only" in md
+
+
+def test_variant_and_grid_flags_are_checked():
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--variants", "topk"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--variants: 'topk' is not key=value" in proc.stderr
+    from bench.common import parse_variant, side_settings
+
+    assert parse_variant("topk=triton,aux_ratio=32") == {"selection_kernel": "triton", "aux_dense_max_ratio": 32.0}
+    assert side_settings("ours[scatter=dot]") == {"scatter_kernel": "dot"} and side_settings("ours") == {}
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_in_the_interpreter(tmp_path):
+    """bench.gpu_check (run by bench/gpu_session.sh on a GPU) on CPU through Triton's interpreter, tiny shapes: the
+    variants agree with the defaults (values, errors, losses), so the script a GPU session runs does not rot."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "1", "SAE_TRITON_CPU": "1",
+           "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--tiny", "--reps", "1",
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    (sel,) = res["selection"]
+    assert sel["triton max same values"] and sel["triton bitonic same values"]
+    (sc,) = res["scatter_outer"]
+    assert sc["triton dot max rel err"] <= 2.0**-7 and sc["triton segment max rel err"] <= 2.0**-7  # bf16 output
+    assert len(res["coder_step"]) == 4
+    for row in res["coder_step"]:
+        assert abs(row["fvu"] - row["fvu default"]) <= 1e-5 * row["fvu default"], row
+        assert abs(row["auxk"] - row["auxk default"]) <= 1e-5 * row["auxk default"], row
+        assert row["worst grad rel diff"] <= 1e-5, row

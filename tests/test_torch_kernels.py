@@ -421,7 +421,8 @@ def test_dispatch_respects_sae_eager(monkeypatch, eager):
     for name in ("gather_weighted_sum", "gather_dot", "scatter_outer"):
         ref = getattr(sr, f"{name}_reference")
         monkeypatch.setattr(sr, f"{name}_reference", lambda *a, _r=ref, _n=name: calls.append(("ref", _n)) or _r(*a))
-        monkeypatch.setattr(sr, f"{name}_triton", lambda *a, _r=ref, _n=name: calls.append(("triton", _n)) or _r(*a))
+        monkeypatch.setattr(sr, f"{name}_triton",
+                            lambda *a, _r=ref, _n=name, **options: calls.append(("triton", _n)) or _r(*a))
     monkeypatch.setattr(sr, "HAS_TRITON", True)
     monkeypatch.delenv("SAE_TRITON_CPU", raising=False)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
@@ -618,6 +619,135 @@ def test_triton_ignores_out_of_range_indices():
     assert torch.equal(out, torch.tensor([[1.0] * 3, [0.0] * 3, [1.0] * 3, [0.0] * 3]))
 
 
+@triton_test
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_scatter_outer_dot(case):
+    """The tensor-core segment reduction (kernel="dot"): runs of latents inside a block (stores) and across
+    blocks (atomics at the edges), the heavy latent over several blocks, the unused latent zero."""
+    (n, k, m, d), dtype, idx, w, _, rows, _ = _case(case)
+    block_p = 16 if n * k > 16 else None  # several blocks of occurrences where there are enough
+    out = sr.scatter_outer_triton(w, idx, rows, m, kernel="dot", block_p=block_p)
+    _check(out, sr.scatter_outer_reference(w, idx, rows, m), naive_scatter(w, idx, rows, m), dtype)
+    assert (out[m - 1] == 0).all()
+
+
+@triton_test
+def test_triton_scatter_outer_dot_rejects_small_blocks_and_unknown_kernels():
+    idx = torch.zeros(4, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least 16"):
+        sr.scatter_outer_triton(torch.ones(4, 3), idx, torch.ones(4, 5), 9, kernel="dot", block_p=8)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        sr.scatter_outer_triton(torch.ones(4, 3), idx, torch.ones(4, 5), 9, kernel="csr")
+
+
+# ---- the one-read top-k (kernels/topk.py) against torch.topk ----
+
+def _check_selection(values, indices, act, k, allowed=None):
+    """A valid top-k of `act` (restricted to `allowed` columns): distinct columns, the values found there, and the
+    same multiset of values as torch.topk's (ties may pick other columns)."""
+    pool = act if allowed is None else act.masked_fill(~allowed, float("-inf"))
+    expect = pool.topk(k, dim=-1).values
+    assert indices.dtype == torch.int64 and values.dtype == act.dtype and values.shape == (act.shape[0], k)
+    assert torch.equal(values.sort(-1, descending=True).values, expect)
+    assert torch.equal(act.gather(-1, indices), values)
+    assert all(len(set(row.tolist())) == k for row in indices)
+    if allowed is not None:
+        assert allowed[indices].all()
+
+
+TOPK_CASES = [
+    # id, (N, M, k), tile, block_n, method
+    ("one_tile", (5, 70, 7), None, None, "max"),
+    ("k1_odd_width", (6, 53, 1), 16, 2, "max"),
+    ("tiles_and_merges", (9, 300, 6), 16, 4, "max"),  # 19 tiles of 16 -> 114 candidates -> merge passes
+    ("k_equals_tile", (4, 40, 16), 16, 4, "max"),
+    ("bitonic_tiny", (3, 24, 3), 8, 4, "bitonic"),  # tl.topk: very slow in the interpreter, so tiny
+]
+
+
+@triton_test
+@pytest.mark.parametrize("case", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_triton_select_topk(case, dtype):
+    from sae_torch.kernels.topk import select_topk_reference, select_topk_triton
+
+    _, (n, m, k), tile, block_n, method = case
+    g = torch.Generator().manual_seed(n * m + k)
+    pre = torch.randn(n, m, generator=g).to(dtype)
+    pre[0, : m // 2] = pre[0, m // 2]  # ties: half a row holds one value
+    pre[1] = -pre[1].abs()  # a row without a positive value: ReLU leaves only zeros to choose from
+    pre[2, 3] = 0.5  # fewer than k positive values in this row (k > 1)
+    pre[2, :3] = -1.0
+    pre[2, 4:] = -pre[2, 4:].abs()
+    # bias: fp32 only (the kernel adds in fp32 and rounds the sum to the input's dtype, which the interpreter does
+    # by truncation); bf16 checks that upcast values come back exactly
+    bias = (0.1 * torch.randn(m, generator=g)) if dtype == F32 else None
+    mask = torch.rand(m, generator=g) < 0.4
+    k_aux = min(5, int(mask.sum()))
+    sel = select_topk_triton(pre, k, bias=bias, aux_mask=mask, k_aux=k_aux, tile=tile, block_n=block_n,
+                             method=method)
+    act = (pre if bias is None else pre + bias).relu()
+    _check_selection(sel.values, sel.indices, act, k)
+    _check_selection(sel.aux_values, sel.aux_indices, act, k_aux, allowed=mask)
+    plain = select_topk_triton(pre, k, relu=False, tile=tile, block_n=block_n, method=method)
+    assert plain.aux_values is None
+    _check_selection(plain.values, plain.indices, pre, k)
+    ref = select_topk_reference(pre, k, relu=False)
+    assert torch.equal(plain.values.sort(-1).values, ref.values.sort(-1).values)
+
+
+@triton_test
+def test_triton_select_topk_validation():
+    from sae_torch.kernels.topk import select_topk_triton
+
+    pre = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="k must lie"):
+        select_topk_triton(pre, 11)
+    with pytest.raises(ValueError, match="aux_mask"):
+        select_topk_triton(pre, 2, aux_mask=torch.ones(9, dtype=torch.bool), k_aux=1)
+    with pytest.raises(ValueError, match="method"):
+        select_topk_triton(pre, 2, method="radix")
+
+
+@triton_test
+@pytest.mark.parametrize("multi_topk, aux_ratio", [(False, 8.0), (True, 0.0)],
+                         ids=["topk_dense_auxk", "multi_topk_sparse_auxk"])  # each about 20-40 s interpreted
+def test_triton_fused_selection_coder_matches_torch_selection(monkeypatch, multi_topk, aux_ratio):
+    """SparseCoder with selection_kernel="triton" (the one-read top-k, all kernels in the interpreter) against the
+    default torch selection: same losses and gradients (both AuxK paths; Multi-TopK), dense autograd-free."""
+    from sae_core.config import SparseCoderConfig
+    from sae_torch import SparseCoder
+
+    monkeypatch.setenv("SAE_TRITON_CPU", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    d, n = 16, 24
+    torch.manual_seed(0)
+    sae = SparseCoder(d, SparseCoderConfig(k=4, expansion_factor=4, multi_topk=multi_topk))
+    x = torch.randn(n, d)
+    sae.aux_dense_max_ratio, sae.aux_dense_max_fraction = aux_ratio, 1.0  # ratio 0: the sparse AuxK path
+    dead = torch.rand(sae.num_latents, generator=torch.Generator().manual_seed(1)) < 0.3
+    assert int(dead.sum()) > d // 2  # k_aux = d // 2 of them
+    assert sae.aux_takes_dense_path(int(dead.sum()), d // 2) == (aux_ratio > 0)
+
+    def run(kernel):
+        sae.zero_grad()
+        sae.selection_kernel = kernel
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss + out.multi_topk_fvu).backward()
+        return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    ref, ref_grads = run("torch")
+    tri, tri_grads = run("triton")
+    for name in ("fvu", "auxk_loss", "multi_topk_fvu"):
+        assert_fp32_close(getattr(tri, name).reshape(1), getattr(ref, name).reshape(1))
+    assert torch.equal(tri.latent_indices.sort(-1).values, ref.latent_indices.sort(-1).values)
+    for name, grad in ref_grads.items():
+        assert_fp32_close(tri_grads[name], grad, rel=1e-5)
+    sae.selection_kernel = "fastest"
+    with pytest.raises(ValueError, match="selection_kernel"):
+        sae(x)
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not importable")
 @pytest.mark.skipif(TRITON_INTERPRETED or _IN_SUBPROCESS, reason="the Triton checks ran in this process")
 def test_interpreter_checks_in_fresh_process():
@@ -670,6 +800,19 @@ for dt, it in [("bf16", "i32")]:  # one set keeps this test short; fp32 / int64 
                           "K": "i32", "D": "i32", "M": "i32"}, {"SEG": 256, "BLOCK_P": 16, "BLOCK_D": 128})
     compile_(ks.scatter_finalize, {"heavy_map_ptr": "*i64", "heavy_buf_ptr": "*fp32", "out_ptr": "*" + dt,
                                    "D": "i32"}, {"BLOCK_D": 128})
+for dt, native in [("bf16", True), ("fp32", False)]:  # tensor-core bf16 dot; full-precision fp32 dot
+    compile_(ks.scatter_dot, {"w_ptr": "*" + dt, "order_ptr": "*i64", "lat_ptr": "*i64", "rows_ptr": "*" + dt,
+                              "out_ptr": "*fp32", "NK": "i32", "K": "i32", "D": "i32"},
+             {"BLOCK_P": 64, "BLOCK_D": 128, "NATIVE_DOT": native})
+import sae_torch.kernels.topk as tk
+tiles, merge = tk._kernels()
+for bitonic in (False, True):
+    compile_(tiles, {"pre_ptr": "*bf16", "bias_ptr": "*bf16", "mask_ptr": "*i8", "keys_ptr": "*i64",
+                     "aux_keys_ptr": "*i64", "N": "i32", "M": "i32", "stride": "i32"},
+             {"HAS_BIAS": False, "RELU": True, "TILE": 1024, "K_PAD": 64, "KA_PAD": 512, "BLOCK_N": 1,
+              "BITONIC": bitonic})
+    compile_(merge, {"keys_ptr": "*i64", "out_ptr": "*i64", "N": "i32", "C": "i32"},
+             {"TILE": 1024, "K_PAD": 64, "BLOCK_N": 1, "BITONIC": bitonic})
 print("ALL COMPILED")
 """
 

@@ -177,12 +177,14 @@ def test_parity_fixtures_cover_both_auxk_paths():
     from sae_mlx import SparseCoder as MLXSparseCoder
 
     assert MLXSparseCoder.aux_dense_max_ratio == SparseCoder.aux_dense_max_ratio
+    assert MLXSparseCoder.aux_dense_max_fraction == SparseCoder.aux_dense_max_fraction
     paths = set()
     for case in CASES:
         if case.dead_mask is not None:
             num_dead = int(case.dead_mask.sum())
             k_aux = min(case.d_out // 2, num_dead)
-            paths.add("dense" if num_dead <= SparseCoder.aux_dense_max_ratio * k_aux else "sparse")
+            sae = SparseCoder(case.d_in, case.cfg, d_out=case.d_out)
+            paths.add("dense" if sae.aux_takes_dense_path(num_dead, k_aux) else "sparse")
     assert paths == {"dense", "sparse"}
 
 

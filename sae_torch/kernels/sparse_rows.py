@@ -65,6 +65,7 @@ __all__ = [
     "scatter_outer",
     "scatter_outer_reference",
     "scatter_outer_triton",
+    "SCATTER_KERNELS",
     "SparseDecode",
     "sparse_decode",
     "SparseEncode",
@@ -484,6 +485,55 @@ def _scatter_finalize_kernel(
     tl.store(out_ptr + m_safe * D + offs_d, v.to(out_ptr.dtype.element_ty), mask=mask_d & used)
 
 
+def _scatter_dot_kernel(
+    w_ptr,  # [N*K] weights, flat
+    order_ptr,  # [N*K] int64: flat positions sorted by latent (stable)
+    lat_ptr,  # [N*K] the latents in that order (sorted)
+    rows_ptr,  # [N, D]
+    out_ptr,  # [M, D] fp32, zero-initialised
+    NK,
+    K,
+    D,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
+):
+    # One program = BLOCK_P consecutive occurrences in latent order x one BLOCK_D slice. Their latents form runs
+    # (segments); seg[p] numbers the run of occurrence p within the block. With the one-hot matrix
+    # A[l, p] = w[p] * (seg[p] == l), A @ rows[tok] gives every run's weighted row sum in one tl.dot (tensor cores
+    # on GPU). Runs strictly inside the block belong to this program alone: plain stores. The first and the last
+    # run may continue in the neighbouring blocks: fp32 atomics into the zero-initialised output.
+    pid = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start = pid.to(tl.int64) * BLOCK_P
+    offs_p = start + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < NK
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    lat = tl.load(lat_ptr + offs_p, mask=mask_p, other=-1).to(tl.int64)
+    prev = tl.load(lat_ptr + tl.maximum(offs_p - 1, start), mask=mask_p, other=-1).to(tl.int64)
+    seg = tl.cumsum((lat != prev).to(tl.int32), axis=0)
+    pos = tl.load(order_ptr + offs_p, mask=mask_p, other=0)
+    w = tl.load(w_ptr + pos, mask=mask_p, other=0.0)
+    r = tl.load(rows_ptr + (pos // K)[:, None] * D + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :],
+                other=0.0)
+    runs = tl.arange(0, BLOCK_P)
+    onehot = seg[None, :] == runs[:, None]  # [run, occurrence]
+    if NATIVE_DOT:  # 16-bit inputs: their products are exact in the fp32 accumulator
+        a = tl.where(onehot, w[None, :], 0.0).to(w.dtype)
+        acc = tl.dot(a, r.to(w.dtype))
+    else:  # fp32 inputs (and the interpreter, whose bf16 arithmetic is wrong): full-precision fp32 products
+        a = tl.where(onehot, w.to(tl.float32)[None, :], 0.0)
+        acc = tl.dot(a, r.to(tl.float32), input_precision="ieee")
+    run_latent = tl.max(tl.where(onehot, lat[None, :], -1), axis=1)
+    last = tl.max(tl.where(mask_p, seg, 0), axis=0)
+    used = (run_latent >= 0)[:, None] & mask_d[None, :]
+    edge = ((runs == 0) | (runs == last))[:, None]
+    ptrs = out_ptr + tl.where(run_latent >= 0, run_latent, 0)[:, None] * D + offs_d[None, :]
+    tl.store(ptrs, acc, mask=used & ~edge)
+    tl.atomic_add(ptrs, acc, mask=used & edge)
+
+
 _KERNEL_CACHE: dict[bool, SimpleNamespace] = {}
 
 
@@ -499,6 +549,7 @@ def _kernels() -> SimpleNamespace:
             gdot=triton.jit(_gdot_kernel),
             scatter=triton.jit(_scatter_kernel),
             scatter_finalize=triton.jit(_scatter_finalize_kernel),
+            scatter_dot=triton.jit(_scatter_dot_kernel),
         )
         _KERNEL_CACHE[interp] = ks
     return ks
@@ -620,8 +671,12 @@ def scatter_outer_triton(
     block_p: int | None = None,
     block_d: int | None = None,
     seg: int | None = None,
+    kernel: str = "segment",
 ) -> torch.Tensor:
-    """Triton version of :func:`scatter_outer_reference`, a per-latent (CSR) reduction.
+    """Triton version of :func:`scatter_outer_reference`, a per-latent (CSR) reduction. ``kernel`` "dot" runs
+    :func:`_scatter_outer_dot` instead (tensor-core segment reduction; ``block_p`` and ``block_d`` apply there too).
+
+    "segment":
 
     Host side (a handful of small torch ops, no host sync): stable-sort the flat indices -> ``order``; CSR offsets
     per latent by ``searchsorted``; split each latent's occurrence list into segments of at most ``seg`` entries
@@ -643,6 +698,10 @@ def scatter_outer_triton(
             raise ValueError("scatter_outer: num_rows is 0 but indices are not empty")
         return torch.zeros(num_rows, d, dtype=out_dtype, device=dev)
 
+    if kernel not in SCATTER_KERNELS:
+        raise ValueError(f"scatter_outer: kernel must be one of {SCATTER_KERNELS}, got {kernel!r}")
+    if kernel == "dot":
+        return _scatter_outer_dot(weights, indices, rows, num_rows, out_dtype, block_p, block_d)
     bd = _pick_block_d(d, block_d)
     bp = _as_pow2("block_p", block_p) if block_p is not None else (64 if _interpreting() else _GPU_BLOCK_P)
     sg = _GPU_SEG if seg is None else int(seg)
@@ -676,6 +735,33 @@ def scatter_outer_triton(
     return out
 
 
+SCATTER_KERNELS = ("segment", "dot")
+_GPU_DOT_BLOCK_P = 64  # occurrences per tl.dot: [64, 64] one-hot x [64, BLOCK_D] rows; untimed until a GPU runs it
+
+
+def _scatter_outer_dot(weights, indices, rows, num_rows: int, out_dtype, block_p, block_d) -> torch.Tensor:
+    """scatter_outer by ``_scatter_dot_kernel``: sort the flat indices once (stable), then one program per
+    BLOCK_P consecutive occurrences in latent order; fp32 output buffer (zero-initialised for the atomics at block
+    edges and the latents that never occur), cast at the end when the output is 16-bit."""
+    n, k = indices.shape
+    d = rows.shape[1]
+    nk = n * k
+    flat = indices.contiguous().reshape(-1)
+    latents, order = torch.sort(flat, stable=True)
+    interp = _interpreting()
+    bp = _as_pow2("block_p", block_p) if block_p is not None else (min(max(_next_pow2(nk), 16), 128) if interp
+                                                                    else _GPU_DOT_BLOCK_P)
+    if bp < 16:
+        raise ValueError(f"block_p must be at least 16 for the dot kernel (tl.dot's smallest tile), got {bp}")
+    bd = max(_pick_block_d(d, block_d), 16)
+    out = torch.zeros(num_rows, d, dtype=torch.float32, device=rows.device)
+    w, r = weights.contiguous().reshape(-1), rows.contiguous()
+    native = not interp and w.dtype == r.dtype and w.dtype in (torch.bfloat16, torch.float16)
+    _kernels().scatter_dot[(_cdiv(nk, bp), _cdiv(d, bd))](
+        w, order, latents, r, out, nk, k, d, BLOCK_P=bp, BLOCK_D=bd, NATIVE_DOT=native, **_launch_kwargs())
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Dispatchers
 # ----------------------------------------------------------------------------------------------------------------
@@ -695,11 +781,12 @@ def gather_dot(rows: torch.Tensor, table: torch.Tensor, indices: torch.Tensor) -
     return gather_dot_reference(rows, table, indices)
 
 
-def scatter_outer(weights: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``out[m] = sum_{indices[n, j] == m} weights[n, j] * rows[n]`` -> [num_rows, d]; Triton on CUDA, else the
-    reference."""
+def scatter_outer(weights: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, num_rows: int,
+                  kernel: str = "segment") -> torch.Tensor:
+    """``out[m] = sum_{indices[n, j] == m} weights[n, j] * rows[n]`` -> [num_rows, d]; Triton on CUDA (``kernel``:
+    one of SCATTER_KERNELS), else the reference."""
     if use_triton(rows):
-        return scatter_outer_triton(weights, indices, rows, num_rows)
+        return scatter_outer_triton(weights, indices, rows, num_rows, kernel=kernel)
     return scatter_outer_reference(weights, indices, rows, num_rows)
 
 
@@ -715,8 +802,10 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, acts: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, acts: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor,
+                scatter_kernel: str = "segment") -> torch.Tensor:
         ctx.save_for_backward(acts, indices, weight)
+        ctx.scatter_kernel = scatter_kernel
         return gather_weighted_sum(acts, indices, weight)
 
     @staticmethod
@@ -728,13 +817,15 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_acts = gather_dot(grad, weight, indices).to(acts.dtype)
         if ctx.needs_input_grad[2]:
-            d_weight = scatter_outer(acts, indices, grad, weight.shape[0]).to(weight.dtype)
-        return d_acts, None, d_weight
+            d_weight = scatter_outer(acts, indices, grad, weight.shape[0], ctx.scatter_kernel).to(weight.dtype)
+        return d_acts, None, d_weight, None
 
 
-def sparse_decode(acts: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Differentiable ``sum_j acts[:, j] * weight[indices[:, j]]`` -> [N, d] (no bias)."""
-    return SparseDecode.apply(acts, indices, weight)
+def sparse_decode(acts: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor,
+                  scatter_kernel: str = "segment") -> torch.Tensor:
+    """Differentiable ``sum_j acts[:, j] * weight[indices[:, j]]`` -> [N, d] (no bias). ``scatter_kernel``: the
+    Triton scatter_outer of the weight gradient (SCATTER_KERNELS)."""
+    return SparseDecode.apply(acts, indices, weight, scatter_kernel)
 
 
 class SparseEncode(torch.autograd.Function):
@@ -747,8 +838,9 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
-                values: torch.Tensor | None = None) -> torch.Tensor:
+                values: torch.Tensor | None = None, scatter_kernel: str = "segment") -> torch.Tensor:
         ctx.save_for_backward(x, weight, indices)
+        ctx.scatter_kernel = scatter_kernel
         return gather_dot(x, weight, indices) if values is None else values.detach().clone()
 
     @staticmethod
@@ -760,12 +852,12 @@ class SparseEncode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_x = gather_weighted_sum(grad, indices, weight).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            d_weight = scatter_outer(grad, indices, x, weight.shape[0]).to(weight.dtype)
-        return d_x, d_weight, None, None
+            d_weight = scatter_outer(grad, indices, x, weight.shape[0], ctx.scatter_kernel).to(weight.dtype)
+        return d_x, d_weight, None, None, None
 
 
 def sparse_encode(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor,
-                  values: torch.Tensor | None = None) -> torch.Tensor:
+                  values: torch.Tensor | None = None, scatter_kernel: str = "segment") -> torch.Tensor:
     """Differentiable ``<x[n], weight[indices[n, j]]>`` -> [N, k] (the selected pre-activations, no bias).
     ``values``: those numbers if already computed; then only the backward runs sparse kernels."""
-    return SparseEncode.apply(x, weight, indices, values)
+    return SparseEncode.apply(x, weight, indices, values, scatter_kernel)
