@@ -255,6 +255,15 @@ class Trainer:
         }
 
     def save(self) -> None:
+        for c in self.coders.values():  # the saved SAE is the optimizer's evaluation point (schedule-free's x)
+            c.opt.eval()
+        try:
+            self._save()
+        finally:
+            for c in self.coders.values():
+                c.opt.train()
+
+    def _save(self) -> None:
         if self.cfg.keep_best:
             self._save_best()
         staging = begin_save(self.run)
