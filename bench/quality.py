@@ -29,6 +29,7 @@ magnitude uniform in [0.5, 1.5]; x = sum of the firing features' magnitude * dir
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -314,8 +315,9 @@ def run_real(args, work: Path, device) -> dict:
     step_tokens, k, expansion = args.real_step_tokens, args.real_k, args.real_expansion
     steps = args.real_tokens // step_tokens
     stops = checkpoints(steps, args.points)
-    held = [x for batch in CacheActivationSource(heldout_cache, 4096, 0, device).batches()
-            for x, _ in batch.values()][: max(1, ActivationCache(heldout_cache).total_tokens // 4096)]
+    held_batches = max(1, ActivationCache(heldout_cache).total_tokens // 4096)  # one pass (the source cycles)
+    held = [x for batch in itertools.islice(CacheActivationSource(heldout_cache, 4096, 0, device).batches(),
+                                            held_batches) for x, _ in batch.values()]
     print(f"real: SmolLM2 {HOOK}, d_in={d_in}, M={d_in * expansion}, k={k}, {steps} steps of {step_tokens} tokens, "
           f"{sum(len(h) for h in held)} held-out tokens", file=sys.stderr, flush=True)
     spliced = work / "spliced"  # every side's final SAE, evaluated together by sae_torch.eval.evaluate

@@ -361,9 +361,8 @@ def test_lr_defaults_and_schedule():
     cfg = TrainConfig(batch_size=32, ctx_len=2048)  # sparsify's step: SPEC's values
     assert cfg.default_lr(2**14) == pytest.approx(5e-3)
     assert cfg.default_lr(4 * 2**14) == pytest.approx(2.5e-3)
-    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: scaled by (1/64)^(1/3) = 1/4
-    assert small.default_lr(2**14) == pytest.approx(1.25e-3)
-    assert TrainConfig(batch_size=2, ctx_len=256, grad_acc_steps=2).default_lr(2**14) == pytest.approx(1.25e-3)
+    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: schedule-free signum needs no scaling
+    assert small.default_lr(2**14) == pytest.approx(5e-3)
     adam = TrainConfig(optimizer="adam")
     assert adam.default_lr(2**14) == pytest.approx(2e-4)
     assert adam.warmup_steps(50_000) == 1000 and adam.warmup_steps(300) == 30 and cfg.warmup_steps(300) == 0
@@ -371,7 +370,13 @@ def test_lr_defaults_and_schedule():
     lrs = [adam.lr_at(s, 1.0, 10, 110) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert lrs[-1] == pytest.approx(0.01) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
-    assert TrainConfig(lr_decay=False).lr_at(100, 1.0, 0, 110) == 1.0
+    assert TrainConfig(optimizer="adam", lr_decay=False).lr_at(100, 1.0, 0, 110) == 1.0
+    assert TrainConfig().lr_at(100, 1.0, 0, 110) == 1.0  # signum (schedule-free): constant by default, as sparsify
+    assert TrainConfig(lr_decay=True).lr_at(100, 1.0, 0, 110) == pytest.approx(10 / 110)
+    # dead threshold: sparsify's 10M tokens, or a tenth of a shorter run (AuxK acts in short runs too)
+    assert TrainConfig(max_tokens=300_000).dead_threshold() == 30_000
+    assert TrainConfig(max_tokens=10**9).dead_threshold() == TrainConfig(max_tokens=None).dead_threshold() == 10**7
+    assert TrainConfig(max_tokens=300_000, dead_feature_threshold=64).dead_threshold() == 64
 
 
 def test_adam_matches_torch_adam():
