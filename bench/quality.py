@@ -40,7 +40,6 @@ from pathlib import Path
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HOOK = "layers.7"  # SmolLM2's default hookpoint ((30 + 1) // 4)
@@ -258,9 +257,11 @@ def run_synthetic(args, work: Path, device) -> dict:
                 device=str(device))
     for name, overrides in ours_sides(args):
         curve = []
+        def on_checkpoint(tokens, folder, curve=curve):
+            curve.append({"tokens": tokens, **evaluate(load_weights(folder, device))})
+
         info = train_ours(ours_config(base, overrides), lambda: [{"h": b} for b in batches],
-                          work / "runs-synthetic" / name, "h", stops, lambda tokens, folder: curve.append({"tokens": tokens,
-                                                                      **evaluate(load_weights(folder, device))}))
+                          work / "runs-synthetic" / name, "h", stops, on_checkpoint)
         sides[name] = {"config": overrides, **info, "curve": curve, **curve[-1]}
         report_side(name, sides[name])
     if "sparsify" in args.sides:
@@ -327,9 +328,10 @@ def run_real(args, work: Path, device) -> dict:
     for name, overrides in ours_sides(args):
         curve = []
         run = work / "runs-real" / name
-        info = train_ours(ours_config(base, overrides), lambda: None, run, HOOK, stops,
-                          lambda tokens, folder: curve.append({"tokens": tokens, **heldout_metrics(
-                              load_weights(folder, device), k, held)}))
+        def on_checkpoint(tokens, folder, curve=curve):
+            curve.append({"tokens": tokens, **heldout_metrics(load_weights(folder, device), k, held)})
+
+        info = train_ours(ours_config(base, overrides), lambda: None, run, HOOK, stops, on_checkpoint)
         sides[name] = {"config": overrides, **info, "curve": curve}
         _copy_coder(run / HOOK, spliced / HOOK / name)
         report_side(name, {**sides[name], **curve[-1]})

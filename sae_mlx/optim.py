@@ -78,8 +78,8 @@ class Optimizer:
         """Put the parameters at the point to evaluate and save (a no-op unless schedule-free)."""
 
     def step_scalars(self, lr, t):
-        """What the host computes for one step, before `step` (which may be compiled); call it once per step."""
-        return None
+        """What the host computes for one step, before `step` (which may be compiled); call it once per step.
+        None here: the base update needs nothing."""
 
     def step(self, grads, lr, t, scalars=None) -> None:
         """One update of every parameter that has a gradient in `grads`, written into the module. `scalars`: this

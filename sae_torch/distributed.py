@@ -285,6 +285,16 @@ class DistributedTrainer(Trainer):
                     c.fvu_since_save = []
             barrier("the checkpoint barrier")
             return
+        for c in self.coders.values():  # the saved SAE is the optimizer's evaluation point (schedule-free's x)
+            c.opt.eval()
+        try:
+            self._save_own_modules()
+        finally:
+            for c in self.coders.values():
+                c.opt.train()
+
+    def _save_own_modules(self) -> None:
+        """distribute_modules: every rank writes its own coders into the shared checkpoint."""
         state = self.run_state()  # this rank's coders
         parts = all_gather_object({k: state[k] for k in ("lr", "coders", "best_fvu")}, "the checkpoint gather")
         if self.rank == 0:

@@ -153,7 +153,7 @@ def test_mlx_matches_torch_step_by_step_and_resumes_across_backends():
     torch) as the other backend continues it."""
     from sae_mlx.optim import Signum as MlxSignum
 
-    sae, batches = _coder_and_data()
+    sae, _ = _coder_and_data()
     twin = _mlx_twin(sae)
     t_opt, m_opt = Signum(dict(sae.named_parameters())), MlxSignum(twin)
     names = list(dict(sae.named_parameters()))
@@ -200,3 +200,19 @@ def test_mlx_matches_torch_step_by_step_and_resumes_across_backends():
     for step in range(60, 80):
         both_step(step)
         assert_close(f"step {step} after swapping states")
+
+
+def test_old_momentum_signum_state_is_refused(tmp_path):
+    """A training state of the plain sign-SGD with momentum that signum was before state version 2 is not resumed
+    as schedule-free: a one-line CheckpointError (a UserError: the CLI prints it and exits 2)."""
+    from sae_core.checkpoint import save_safetensors_numpy
+    from sae_core.errors import CheckpointError
+    from sae_core.training_state import FORMAT, read_coder_state
+
+    shapes = {"W_dec": (8, 4), "b_dec": (4,)}
+    old = {f"optimizer.{p}.momentum": np.zeros(s, np.float32) for p, s in shapes.items()}
+    old |= {"tokens_since_fired": np.zeros(8, np.int64), "fire_count": np.zeros(8, np.int64)}
+    save_safetensors_numpy(tmp_path / "state.safetensors", old,
+                           {"format": FORMAT, "version": "1", "optimizer": "signum", "step": "3"})
+    with pytest.raises(CheckpointError, match="old signum.*schedule-free.*start a new run"):
+        read_coder_state(tmp_path, "signum", shapes)
