@@ -361,8 +361,9 @@ def test_lr_defaults_and_schedule():
     cfg = TrainConfig(batch_size=32, ctx_len=2048)  # sparsify's step: SPEC's values
     assert cfg.default_lr(2**14) == pytest.approx(5e-3)
     assert cfg.default_lr(4 * 2**14) == pytest.approx(2.5e-3)
-    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: schedule-free signum needs no scaling
-    assert small.default_lr(2**14) == pytest.approx(5e-3)
+    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: scaled by (1/64)^(1/3) = 1/4
+    assert small.default_lr(2**14) == pytest.approx(1.25e-3)
+    assert TrainConfig(batch_size=2, ctx_len=256, grad_acc_steps=2).default_lr(2**14) == pytest.approx(1.25e-3)
     adam = TrainConfig(optimizer="adam")
     assert adam.default_lr(2**14) == pytest.approx(2e-4)
     assert adam.warmup_steps(50_000) == 1000 and adam.warmup_steps(300) == 30 and cfg.warmup_steps(300) == 0
