@@ -181,7 +181,7 @@ class DistributedTrainer(Trainer):
         total_variance = g.all_sum(mx.square(y - mean).sum().reshape(1), "the total-variance all-reduce")[0]
         if getattr(c, "fire_delta", None) is None:
             c.fire_delta = mx.zeros(c.fire_count.shape, dtype=mx.int64)
-        dead_mask = c.tokens_since_fired >= cfg.dead_threshold() if cfg.auxk_alpha > 0 else None
+        dead_mask = c.tokens_since_fired >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         chunks = list(zip(_chunk(x, cfg.micro_acc_steps), _chunk(y, cfg.micro_acc_steps)))
         results = []
         for x_c, y_c in chunks:
@@ -257,7 +257,7 @@ class DistributedTrainer(Trainer):
         else:
             coders = {n: {"fvu": c.last.get(f"fvu/{n}", float("nan")), "l0": c.last.get(f"l0/{n}", float("nan")),
                           **coder_stats(np.array(c.fire_count), np.array(c.tokens_since_fired),
-                                        self.cfg.dead_threshold())} for n, c in self.coders.items()}
+                                        self.cfg.dead_feature_threshold)} for n, c in self.coders.items()}
             result = {"run_dir": str(self.shared_run), "step": self.step, "tokens": self.tokens,
                       "elapsed_s": self.elapsed, "interrupted": interrupted, "coders": coders, "plots": []}
             shutil.rmtree(self._scratch, ignore_errors=True)

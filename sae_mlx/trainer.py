@@ -3,7 +3,7 @@ algorithm is `Trainer.fit` (one page); the rest is setup and bookkeeping.
 
 Per optimizer step, for every coder (one per hookpoint and init seed), on grad_acc_steps batches {hook: (x, y)}:
     (first step of a fresh run: b_dec <- mean of the first batch's targets y)
-    dead_mask = tokens_since_fired >= TrainConfig.dead_threshold()    (only when auxk_alpha > 0)
+    dead_mask = tokens_since_fired >= dead_feature_threshold          (only when auxk_alpha > 0)
     for each of micro_acc_steps chunks c of the batch:
         out  = sae(x_c, y_c, dead_mask=dead_mask)
         loss = (fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8) * TV_c / TV / grad_acc_steps
@@ -269,7 +269,7 @@ class Trainer:
 
     def _forward_backward(self, c: Coder, x: mx.array, y: mx.array) -> None:
         cfg = self.cfg
-        dead_mask = c.tokens_since_fired >= cfg.dead_threshold() if cfg.auxk_alpha > 0 else None
+        dead_mask = c.tokens_since_fired >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         chunks = list(zip(_chunk(x, cfg.micro_acc_steps), _chunk(y, cfg.micro_acc_steps)))
         total_variance = mx.square(y - y.mean(0)).sum() if len(chunks) > 1 else None
         results = []
@@ -319,7 +319,7 @@ class Trainer:
             n = max(c.sums.get("batches", 0), 1)
             for key in ("fvu", "auxk", "multi_topk_fvu", "l0"):
                 record[f"{key}/{name}"] = c.sums.get(key, 0.0) / n
-            dead = c.tokens_since_fired >= self.cfg.dead_threshold()
+            dead = c.tokens_since_fired >= self.cfg.dead_feature_threshold
             record[f"dead_pct/{name}"] = 100.0 * float(dead.astype(mx.float32).mean().item())
             c.fvu_since_save.append(record[f"fvu/{name}"])
             c.last = record
@@ -418,7 +418,7 @@ class Trainer:
         for name, c in self.coders.items():
             last = c.last
             stats = coder_stats(np.array(c.fire_count), np.array(c.tokens_since_fired),
-                                self.cfg.dead_threshold())
+                                self.cfg.dead_feature_threshold)
             coders[name] = {"fvu": last.get(f"fvu/{name}", float("nan")), "l0": last.get(f"l0/{name}", float("nan")),
                             **stats}
         plots = plot_run(self.run, {n: np.array(c.fire_count) for n, c in self.coders.items()},

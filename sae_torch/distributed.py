@@ -201,7 +201,7 @@ class DistributedTrainer(Trainer):
             self._bdec_global.add(c.name)
         if not hasattr(c, "fire_delta") or c.fire_delta is None:
             c.fire_delta = torch.zeros_like(c.fire_count)
-        dead_mask = c.tokens_since_fired >= cfg.dead_threshold() if cfg.auxk_alpha > 0 else None
+        dead_mask = c.tokens_since_fired >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
         chunks = list(zip(x.chunk(cfg.micro_acc_steps), y.chunk(cfg.micro_acc_steps)))
         tv = total_variance.float()
         for x_c, y_c in chunks:
@@ -328,7 +328,7 @@ class DistributedTrainer(Trainer):
         else:
             coders = {n: {"fvu": c.last.get(f"fvu/{n}", float("nan")), "l0": c.last.get(f"l0/{n}", float("nan")),
                           **coder_stats(c.fire_count.cpu().numpy(), c.tokens_since_fired.cpu().numpy(),
-                                        self.cfg.dead_threshold())} for n, c in self.coders.items()}
+                                        self.cfg.dead_feature_threshold)} for n, c in self.coders.items()}
             result = {"run_dir": str(self.shared_run), "step": self.step, "tokens": self.tokens,
                       "elapsed_s": self.elapsed, "interrupted": interrupted, "coders": coders, "plots": []}
             shutil.rmtree(self._scratch, ignore_errors=True)

@@ -374,10 +374,6 @@ def test_lr_defaults_and_schedule():
     assert TrainConfig(optimizer="adam", lr_decay=False).lr_at(100, 1.0, 0, 110) == 1.0
     assert TrainConfig().lr_at(100, 1.0, 0, 110) == 1.0  # signum (schedule-free): constant by default, as sparsify
     assert TrainConfig(lr_decay=True).lr_at(100, 1.0, 0, 110) == pytest.approx(10 / 110)
-    # dead threshold: sparsify's 10M tokens, or a tenth of a shorter run (AuxK acts in short runs too)
-    assert TrainConfig(max_tokens=300_000).dead_threshold() == 30_000
-    assert TrainConfig(max_tokens=10**9).dead_threshold() == TrainConfig(max_tokens=None).dead_threshold() == 10**7
-    assert TrainConfig(max_tokens=300_000, dead_feature_threshold=64).dead_threshold() == 64
 
 
 def test_adam_matches_torch_adam():
