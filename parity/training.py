@@ -16,10 +16,13 @@ Why two kinds of check, and why the tolerances are what they are:
 * Adam's update is m / sqrt(v): smooth in the gradient, so drift stays proportional to the rounding that caused it.
   The Adam run is compared tightly: weights and moments element for element (max|diff| / max|ref|), the loss curve
   step for step (relative).
-* Signum's update is lr * sign(m): an element whose momentum is near 0 takes a full +-lr step in a direction set by
-  rounding, so the two weights differ by 2 * lr after one step and by more later; element-wise weight comparison
-  is meaningless there. The signum run is compared on what the sign flips do not change much: the loss curve
-  (relative, looser), the fraction of weight elements that differ by more than 0.5 * lr, and the final FVU.
+* Signum's step is lr * sign(g): an element whose gradient is near 0 takes a full +-lr step in a direction set by
+  rounding. Schedule-free signum (sparsify's) steps z that way and trains at y, an average of the z iterates, so
+  a flip first moves y by little, but at its constant lr the flips add up: after 300 steps 36% and 80% of the
+  weight elements differed by more than lr / 2 in 2 of 5 seeds (under 0.1% in all 5 with a decaying lr), so
+  element-wise weight comparison is meaningful only over the first steps. The signum run is compared on what the
+  sign flips do not change much: the loss curve (relative, looser), the dead-latent counts and the final FVU, and
+  element for element after a short run.
 
 The ceilings below were measured on Linux x86-64 CPU (torch 2.13 eager, MLX 0.32.4 CPU; compiled and eager MLX
 steps give the same numbers) and given 3-10x headroom; `python -m parity --training` prints the measured values.
@@ -61,13 +64,13 @@ CEILINGS = {
         # apart, two may not (was 0.01, which the one-sided bugs above passed by only 1.6x)
         "dead latents": 0.005,
     },
-    "signum": {
-        f"weights after {SHORT_STEPS} steps": 1e-5,  # max|diff| / max|ref| (2.6e-7 .. 3.8e-7)
+    "signum": {  # schedule-free (sparsify's), constant lr: measured seeds 0-4, 300 steps, 2026-11-30
+        f"weights after {SHORT_STEPS} steps": 1e-5,  # max|diff| / max|ref| (3.3e-7 .. 3.8e-7)
         f"weights after {SHORT_STEPS} steps: off by > lr/2": 1e-3,  # fraction of elements (0: none)
-        f"fvu curve, first {EARLY_STEPS} steps": 1e-4,  # max relative difference (3.0e-6 .. 4.3e-6)
-        "fvu curve, mean": 0.05,      # mean over steps of the relative difference (1.6e-6 .. 1.6e-2)
-        "final fvu": 0.05,            # mean of the last 5 steps, relative (5.7e-4 .. 1.0e-2)
-        "dead latents": 0.08,         # max over steps of |dead fraction mlx - torch| (3e-8 .. 2.2e-2)
+        f"fvu curve, first {EARLY_STEPS} steps": 1e-4,  # max relative difference (2.9e-6 .. 5.4e-6)
+        "fvu curve, mean": 1e-2,      # mean over steps of the relative difference (1.5e-6 .. 3.3e-3)
+        "final fvu": 1e-2,            # mean of the last 5 steps, relative (8.6e-7 .. 1.7e-3)
+        "dead latents": 0.06,         # max over steps of |dead fraction mlx - torch| (1.5e-8 .. 1.9e-2)
     },
 }
 # Learning rates of the runs: Adam's default (2e-4 / sqrt(M / 2^14)); for signum the default (5e-3 / sqrt(M / 2^14)

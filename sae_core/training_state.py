@@ -16,12 +16,21 @@ With several init_seeds a coder is named `<hookpoint>/seed<n>` and its folder ne
 `state.safetensors` (per coder; all float tensors float32, counters int64):
     tokens_since_fired            [M] int64   tokens since each latent last fired (activation > 0)
     fire_count                    [M] int64   tokens on which each latent fired since the run started
-    optimizer.<param>.<slot>      same shape as <param>, one of encoder.weight, encoder.bias, W_dec, b_dec,
-                                  W_skip; slots: signum `momentum`; adam `exp_avg`, `exp_avg_sq`
+    optimizer.<param>.<slot>      [shape of <param>] float32, <param> one of encoder.weight, encoder.bias, W_dec,
+                                  b_dec, W_skip; slots (OPTIMIZER_SLOTS):
+                                    signum (schedule-free): `z` (the sign-SGD iterate), `y` (the train point: the
+                                      parameters where gradients are taken; sae.safetensors holds the eval point
+                                      x, the average of the z iterates, as sparsify saves it)
+                                    adam: `exp_avg`, `exp_avg_sq`
+    optimizer.<scalar>            [1], signum only (OPTIMIZER_SCALARS): `k` int64 (steps taken), `lr_max` float64
+                                  (largest lr so far), `weight_sum` float64 (sum of lr_max^2 over the steps): the
+                                  averaging weights of schedulefree's ScheduleFreeWrapper
     metadata: format, version, optimizer, step (strings)
+Version 1 files hold signum state `momentum` of the plain sign-SGD with momentum that signum was before version 2;
+such a file is refused for signum (a different optimizer), its adam state still loads.
 
 `state.json` (run level):
-    format, version               "sae-twins/train-state", 1
+    format, version               "sae-twins/train-state", 2 (VERSION)
     backend                       "torch" or "mlx": who wrote it (either may resume it)
     step                          optimizer steps done (adam's bias correction uses t = step after increment)
     batches                       data position: batches consumed from the activation source
@@ -77,7 +86,7 @@ from .errors import CheckpointError, UserError
 from .train_config import TrainConfig, incompatible_changes
 
 FORMAT = "sae-twins/train-state"
-VERSION = 1
+VERSION = 2  # 2: signum became schedule-free (state z, y and scalars instead of momentum)
 STATE_FILE = "state.json"
 CODER_STATE_FILE = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -87,12 +96,18 @@ SAVING = ".saving"
 READY = ".ready"
 RESERVED = {STATE_FILE, METRICS_FILE, BEST_DIR, PLOTS_DIR, SAVING, READY}
 
-OPTIMIZER_SLOTS = {"signum": ("momentum",), "adam": ("exp_avg", "exp_avg_sq")}
+OPTIMIZER_SLOTS = {"signum": ("z", "y"), "adam": ("exp_avg", "exp_avg_sq")}
+OPTIMIZER_SCALARS = {"signum": ("k", "lr_max", "weight_sum"), "adam": ()}
+TRAIN_POINT_SLOT = "y"  # schedule-free's train point: a copy of the parameters, not a separate buffer in memory
 PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec", "W_skip")
 
 
 def optimizer_tensor_name(param: str, slot: str) -> str:
     return f"optimizer.{param}.{slot}"
+
+
+def optimizer_scalar_name(scalar: str) -> str:
+    return f"optimizer.{scalar}"
 
 
 def coder_names(hookpoints: list[str], init_seeds: list[int]) -> dict[str, tuple[str, int]]:
@@ -378,7 +393,12 @@ def read_coder_state(folder: Path, optimizer: str, params: dict[str, tuple[int, 
         raise CheckpointError(f"{path}: not a training-state file of this library (format {meta.get('format')!r})")
     if meta.get("optimizer") != optimizer:
         raise CheckpointError(f"{path}: holds {meta.get('optimizer')} state, but the run uses {optimizer}")
+    if optimizer == "signum" and int(meta.get("version", 1)) < 2:
+        raise CheckpointError(f"{path}: holds the state of the old signum (plain sign-SGD with momentum, state "
+                              f"version {meta.get('version', 1)}); signum is schedule-free now and cannot continue "
+                              f"it: start a new run (the checkpoint's sae.safetensors still loads)")
     expected = {"tokens_since_fired", "fire_count"}
+    expected |= {optimizer_scalar_name(s) for s in OPTIMIZER_SCALARS[optimizer]}
     for param, shape in params.items():
         for slot in OPTIMIZER_SLOTS[optimizer]:
             name = optimizer_tensor_name(param, slot)

@@ -1,16 +1,20 @@
 """The two optimizers, MLX side: the math and state names of `sae_torch/optim.py`, so that a run resumes on either
-backend. State tensors are named `optimizer.<param>.<slot>` (sae_core.training_state).
+backend. State is named as sae_core.training_state says (`optimizer.<param>.<slot>`, `optimizer.<scalar>`).
 
-Signum (sign-SGD with momentum), per parameter p with gradient g, beta = 0.95:
-    m <- beta * m + (1 - beta) * g          (m starts at 0)
-    p <- p - lr * sign(m)                   (sign(0) = 0)
+Signum is sparsify's schedule-free sign-SGD (`ScheduleFreeWrapper(SignSGD(params), momentum=0.95)`), beta = 0.95:
+    (first step: z <- y)
+    x <- lerp(y, z, 1 - 1/beta);  z <- z - lr * sign(g);  lr_max <- max(lr_max, lr);  weight = lr_max^2;
+    weight_sum += weight;  x <- lerp(x, z, weight / weight_sum);  y <- lerp(x, z, 1 - beta);  k <- k + 1
+with the parameters holding y in train mode and x (the evaluation point) in eval mode; lerp is torch.lerp's formula
+(a + w * (b - a) when |w| < 0.5, else b - (b - a) * (1 - w)). Details in sae_torch/optim.py.
 
 Adam, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, t = optimizer steps including this one (1 on the first):
     m <- beta1 * m + (1 - beta1) * g
     v <- beta2 * v + (1 - beta2) * g * g
     p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
 
-All state is float32 whatever the parameter dtype. Parameters without a gradient are skipped (state untouched).
+All state tensors are float32 whatever the parameter dtype; signum's scalars are Python floats (float64) on the
+host. Parameters without a gradient are skipped (state untouched).
 
 Differences forced by MLX (the math is the torch module's, operation for operation):
 
@@ -19,8 +23,10 @@ Differences forced by MLX (the math is the torch module's, operation for operati
   into the module; there is no `zero_grad`.
 * `self.state` is a nested dict {param: {slot: array}} (a tree, so it can be an input/output of `mx.compile`);
   `state_tensors()` / `load_state_tensors()` speak the flat `optimizer.<param>.<slot>` names as torch does.
-* `lr` and `t` may be Python numbers or scalar arrays: `update_arrays(lr, t)` turns them into the float32 scalars
-  the update uses, so a compiled step takes them as inputs and does not recompile when the learning rate changes.
+* `lr` and `t` may be Python numbers or scalar arrays, so a compiled step takes them as inputs and does not recompile
+  when the learning rate changes. What the host computes per step (Adam's bias corrections, signum's averaging
+  weight and running sums) comes from `step_scalars(lr, t)`, called once per step outside any compiled function and
+  passed to `step(grads, lr, t, scalars)`.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from sae_core.training_state import OPTIMIZER_SLOTS, optimizer_tensor_name
+from sae_core.training_state import (OPTIMIZER_SCALARS, OPTIMIZER_SLOTS, TRAIN_POINT_SLOT, optimizer_scalar_name,
+                                     optimizer_tensor_name)
 
 
 def flat_grads(grads) -> dict[str, mx.array]:
@@ -44,7 +51,8 @@ class Optimizer:
     def __init__(self, module: nn.Module):
         self.module = module
         self.param_names = [p for p, _ in tree_flatten(module.trainable_parameters())]
-        self.state = {p: {slot: mx.zeros(param.shape, dtype=mx.float32) for slot in OPTIMIZER_SLOTS[self.name]}
+        self.state = {p: {slot: mx.zeros(param.shape, dtype=mx.float32) for slot in OPTIMIZER_SLOTS[self.name]
+                          if slot != TRAIN_POINT_SLOT}
                       for p, param in tree_flatten(module.trainable_parameters())}
 
     def train(self) -> None:
@@ -69,8 +77,20 @@ class Optimizer:
                                      f"expected {slots[slot].shape}")
                 slots[slot] = value
 
-    def step(self, grads, lr, t) -> None:
-        """One update of every parameter that has a gradient in `grads`, written into the module."""
+    def train(self) -> None:
+        """Put the parameters at the point where gradients are taken (a no-op unless schedule-free)."""
+
+    def eval(self) -> None:
+        """Put the parameters at the point to evaluate and save (a no-op unless schedule-free)."""
+
+    def step_scalars(self, lr, t):
+        """What the host computes for one step, before `step` (which may be compiled); call it once per step.
+        None here: the base update needs nothing."""
+
+    def step(self, grads, lr, t, scalars=None) -> None:
+        """One update of every parameter that has a gradient in `grads`, written into the module. `scalars`: this
+        step's `step_scalars(lr, t)` (computed here when not given)."""
+        self._scalars = self.step_scalars(lr, t) if scalars is None else scalars
         grads = flat_grads(grads)
         params = self.params
         new = {}
@@ -89,18 +109,97 @@ def _f32(value) -> mx.array:
     return value.astype(mx.float32) if isinstance(value, mx.array) else mx.array(value, dtype=mx.float32)
 
 
+def lerp(a: mx.array, b: mx.array, weight) -> mx.array:
+    """torch.lerp(a, b, weight) for a scalar weight: a + w * (b - a) when |w| < 0.5, else b - (b - a) * (1 - w)
+    (torch's two forms, for accuracy at both ends). `weight` a Python float, or a float32 scalar array (both forms
+    are then evaluated in one expression: base + coeff * (b - a))."""
+    if not isinstance(weight, mx.array):
+        w = mx.array(weight, dtype=mx.float32)
+        return a + w * (b - a) if abs(weight) < 0.5 else b - (b - a) * (1 - w)
+    small = mx.abs(weight) < 0.5
+    coeff = mx.where(small, weight, weight - 1)
+    return mx.where(small, a, b) + coeff * (b - a)
+
+
 class Signum(Optimizer):
+    """Schedule-free sign-SGD (sparsify's signum); see the module docstring and sae_torch/optim.py."""
     name = "signum"
 
-    def __init__(self, module: nn.Module, beta: float = 0.95):
+    def __init__(self, module: nn.Module, momentum: float = 0.95, weight_lr_power: float = 2.0):
         super().__init__(module)
-        self.beta = beta
+        self.momentum, self.weight_lr_power = momentum, weight_lr_power
+        self.k, self.lr_max, self.weight_sum = 0, 0.0, 0.0
+        self.train_mode = True
+        self._train_point: dict[str, mx.array] | None = None  # y, kept aside while in eval mode
+
+    def step_scalars(self, lr, t):
+        """Advance the host-side averaging sums by one step of learning rate `lr`; returns the averaging weight
+        c = lr_max^2 / weight_sum as a float32 scalar array. The first call also starts z at the parameters."""
+        if not self.train_mode:
+            raise RuntimeError("schedule-free signum stepped in eval mode: call train() after eval()")
+        if self.k == 0:  # the wrapper starts z at the parameters' value at the first step
+            for p, param in self.params.items():
+                self.state[p]["z"] = param.astype(mx.float32)
+        lr = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
+        self.lr_max = max(lr, self.lr_max)
+        weight = self.lr_max ** self.weight_lr_power  # the wrapper's (k + 1)^r factor is 1: sparsify keeps r = 0
+        self.weight_sum = self.weight_sum + weight
+        self.k += 1
+        return mx.array(weight / self.weight_sum, dtype=mx.float32)
 
     def _update(self, p, param, g, lr, t):
         slots = self.state[p]
-        m = slots["momentum"] * self.beta + g * (1 - self.beta)
-        slots["momentum"] = m
-        return param - (_f32(lr) * mx.sign(m)).astype(param.dtype)
+        x = lerp(param, slots["z"], 1 - 1 / self.momentum)
+        z = slots["z"] - _f32(lr) * mx.sign(g)  # torch: z.add_(sign(g), alpha=-lr), the same bits
+        slots["z"] = z
+        x = lerp(x, z, self._scalars)
+        return lerp(x, z, 1 - self.momentum).astype(param.dtype)
+
+    def eval(self) -> None:
+        if self.train_mode and self.k > 0:
+            params = self.params
+            self._train_point = params
+            self.module.update(tree_unflatten([(p, lerp(param, self.state[p]["z"], 1 - 1 / self.momentum))
+                                               for p, param in params.items()]))
+        self.train_mode = False
+
+    def train(self) -> None:
+        if not self.train_mode and self.k > 0:
+            if self._train_point is not None:
+                new = self._train_point
+            else:
+                new = {p: lerp(param, self.state[p]["z"], 1 - self.momentum) for p, param in self.params.items()}
+            self.module.update(tree_unflatten(list(new.items())))
+        self._train_point = None
+        self.train_mode = True
+
+    def state_tensors(self) -> dict:
+        """z, the train point y (the parameters in train mode, the kept copy in eval mode) and the scalars ([1]
+        NumPy arrays: float64 is not an MLX dtype everywhere)."""
+        import numpy as np
+
+        if not self.train_mode and self._train_point is None and self.k > 0:
+            raise RuntimeError("the train point of this optimizer is not known (loaded in eval mode)")
+        y = self._train_point if not self.train_mode and self._train_point is not None else self.params
+        out = super().state_tensors()
+        out |= {optimizer_tensor_name(p, TRAIN_POINT_SLOT): y[p].astype(mx.float32) for p in self.state}
+        scalars = {"k": np.array([self.k], dtype=np.int64), "lr_max": np.array([self.lr_max], dtype=np.float64),
+                   "weight_sum": np.array([self.weight_sum], dtype=np.float64)}
+        return out | {optimizer_scalar_name(s): scalars[s] for s in OPTIMIZER_SCALARS[self.name]}
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        """Load z and the scalars, and put the parameters at the saved train point y (train mode)."""
+        import numpy as np
+
+        super().load_state_tensors(tensors)
+        params = self.params
+        self.module.update(tree_unflatten([
+            (p, mx.array(np.asarray(tensors[optimizer_tensor_name(p, TRAIN_POINT_SLOT)])).astype(params[p].dtype))
+            for p in self.state]))
+        self.k = int(np.asarray(tensors[optimizer_scalar_name("k")]).reshape(-1)[0])
+        self.lr_max = float(np.asarray(tensors[optimizer_scalar_name("lr_max")]).reshape(-1)[0])
+        self.weight_sum = float(np.asarray(tensors[optimizer_scalar_name("weight_sum")]).reshape(-1)[0])
+        self.train_mode, self._train_point = True, None
 
 
 class Adam(Optimizer):
@@ -119,13 +218,12 @@ class Adam(Optimizer):
             return 1 - mx.power(mx.array(b1, mx.float32), tf), 1 - mx.power(mx.array(b2, mx.float32), tf)
         return mx.array(1 - b1 ** t, dtype=mx.float32), mx.array(1 - b2 ** t, dtype=mx.float32)
 
-    def step(self, grads, lr, t, corrections: tuple[mx.array, mx.array] | None = None) -> None:
-        self._corrections = corrections if corrections is not None else self.bias_corrections(t)
-        super().step(grads, lr, t)
+    def step_scalars(self, lr, t):
+        return self.bias_corrections(t)
 
     def _update(self, p, param, g, lr, t):
         b1, b2 = self.betas
-        c1, c2 = self._corrections
+        c1, c2 = self._scalars
         slots = self.state[p]
         m = slots["exp_avg"] * b1 + g * (1 - b1)
         v = slots["exp_avg_sq"] * b2 + ((1 - b2) * g) * g  # torch's addcmul order

@@ -31,7 +31,7 @@ from sae_core.train_config import TrainConfig
 
 from .activations import (ArrayActivationSource, CacheActivationSource, choose_model_runner, convert_batch,
                           resolve_device, to_numpy)
-from .optim import Adam, Optimizer, flat_grads, make_optimizer
+from .optim import Optimizer, flat_grads, make_optimizer
 from .sparse_coder import SparseCoder
 
 COMPILE_MODES = ("off", "update", "all")
@@ -90,13 +90,10 @@ class StepFunctions:
 
         normalize = sae.cfg.normalize_decoder and not sae.cfg.transcode
 
-        def update(grads, lr, t, corrections):
+        def update(grads, lr, t, scalars):
             if normalize and grads.get("W_dec") is not None:
                 grads = sae.remove_gradient_parallel_to_decoder_directions(grads)
-            if isinstance(opt, Adam):
-                opt.step(grads, lr, t, corrections)
-            else:
-                opt.step(grads, lr, t)
+            opt.step(grads, lr, t, scalars)
             if normalize:
                 sae.set_decoder_norm_to_unit_norm()
 
@@ -118,12 +115,12 @@ class StepFunctions:
         return self._chunk_dead(x, y, dead_mask, weight)
 
     def update(self, grads, lr: float, t: int) -> None:
-        corrections = self.opt.bias_corrections(t) if isinstance(self.opt, Adam) else None
+        scalars = self.opt.step_scalars(lr, t)  # on the host, once per step (sae_mlx.optim)
         if self.mode == "off":
-            self._update_eager(grads, lr, t, corrections)
+            self._update_eager(grads, lr, t, scalars)
             return
         # lr and t as arrays: a compiled function recompiles when a Python number changes
-        self._update(grads, mx.array(lr, dtype=mx.float32), mx.array(t, dtype=mx.int32), corrections)
+        self._update(grads, mx.array(lr, dtype=mx.float32), mx.array(t, dtype=mx.int32), scalars)
 
 
 class MlxBackend:

@@ -1,23 +1,38 @@
 """The two optimizers, written out by hand so that the MLX twin implements the identical math and a run can
-resume on either backend. State tensors are named `optimizer.<param>.<slot>` (sae_core.training_state).
+resume on either backend. State is named as sae_core.training_state says (`optimizer.<param>.<slot>` tensors and
+`optimizer.<scalar>` [1] tensors).
 
-Signum (sign-SGD with momentum), per parameter p with gradient g, beta = 0.95:
-    m <- beta * m + (1 - beta) * g          (m starts at 0)
-    p <- p - lr * sign(m)                   (sign(0) = 0)
+Signum is sparsify's: `ScheduleFreeWrapper(SignSGD(params), momentum=0.95)` from the `schedulefree` package
+(weight_lr_power 2, r 0, no weight decay), the same operations in the same order. The parameters hold y, the
+point where gradients are taken (train mode); z is the sign-SGD iterate; x, the average of the z iterates, is the
+evaluation point (eval mode). Per step, with beta = 0.95, lr the step's learning rate, g the gradient at y:
+    (first step: z <- y)
+    x <- lerp(y, z, 1 - 1/beta)               y -> x
+    z <- z - lr * sign(g)                     SignSGD on z (sign(0) = 0)
+    lr_max <- max(lr_max, lr);  weight = lr_max^2;  weight_sum += weight;  c = weight / weight_sum
+    x <- lerp(x, z, c)                        x is the lr_max^2-weighted average of the z iterates
+    y <- lerp(x, z, 1 - beta)                 back to the gradient point
+    k <- k + 1
+eval(): y -> x = lerp(y, z, 1 - 1/beta), keeping y aside; train(): back to that y, bit for bit (a save does not
+perturb the run), or, when the parameters were loaded as x without y, y = lerp(x, z, 1 - beta) as the wrapper does.
+lerp(a, b, w) is torch.lerp: a + w * (b - a) when |w| < 0.5, else b - (b - a) * (1 - w). The scalars are Python
+floats (float64), as the wrapper keeps them; the state tensors are float32.
 
 Adam, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, t = optimizer steps including this one (1 on the first):
     m <- beta1 * m + (1 - beta1) * g
     v <- beta2 * v + (1 - beta2) * g * g
     p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+`train()` / `eval()` are no-ops for Adam.
 
-All state is float32 whatever the parameter dtype. Parameters without a gradient are skipped (state untouched).
+Parameters without a gradient are skipped (state untouched).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from sae_core.training_state import OPTIMIZER_SLOTS, optimizer_tensor_name
+from sae_core.training_state import (OPTIMIZER_SCALARS, OPTIMIZER_SLOTS, TRAIN_POINT_SLOT, optimizer_scalar_name,
+                                     optimizer_tensor_name)
 
 
 class Optimizer:
@@ -26,7 +41,8 @@ class Optimizer:
     def __init__(self, params: dict[str, nn.Parameter]):
         self.params = params
         self.state = {(p, slot): torch.zeros_like(param, dtype=torch.float32)
-                      for p, param in params.items() for slot in OPTIMIZER_SLOTS[self.name]}
+                      for p, param in params.items() for slot in OPTIMIZER_SLOTS[self.name]
+                      if slot != TRAIN_POINT_SLOT}
 
     def train(self) -> None:
         """Switch to the training point (a no-op here; schedule-free optimizers average their iterates)."""
@@ -38,6 +54,12 @@ class Optimizer:
         for param in self.params.values():
             param.grad = None
 
+    def train(self) -> None:
+        """Put the parameters at the point where gradients are taken (a no-op unless schedule-free)."""
+
+    def eval(self) -> None:
+        """Put the parameters at the point to evaluate and save (a no-op unless schedule-free)."""
+
     def state_tensors(self) -> dict[str, Tensor]:
         return {optimizer_tensor_name(p, slot): t for (p, slot), t in self.state.items()}
 
@@ -47,20 +69,81 @@ class Optimizer:
 
 
 class Signum(Optimizer):
+    """Schedule-free sign-SGD (sparsify's signum); see the module docstring."""
     name = "signum"
 
-    def __init__(self, params: dict[str, nn.Parameter], beta: float = 0.95):
+    def __init__(self, params: dict[str, nn.Parameter], momentum: float = 0.95, weight_lr_power: float = 2.0):
         super().__init__(params)
-        self.beta = beta
+        self.momentum, self.weight_lr_power = momentum, weight_lr_power
+        self.k, self.lr_max, self.weight_sum = 0, 0.0, 0.0
+        self.train_mode = True
+        self._train_point: dict[str, Tensor] | None = None  # y, kept aside while in eval mode
 
     @torch.no_grad()
-    def step(self, lr: float, t: int) -> None:
+    def step(self, lr: float, t: int | None = None) -> None:
+        """One step at learning rate `lr` (`t` is unused: the step count `k` is the optimizer's own state)."""
+        if not self.train_mode:
+            raise RuntimeError("schedule-free signum stepped in eval mode: call train() after eval()")
+        stepped = {p: param for p, param in self.params.items() if param.grad is not None}
+        if self.k == 0:  # the wrapper starts z at the parameters' value at the first step
+            for p, param in self.params.items():
+                self.state[(p, "z")].copy_(param)
+        for p, param in stepped.items():
+            param.lerp_(self.state[(p, "z")], 1 - 1 / self.momentum)
+        for p, param in stepped.items():
+            self.state[(p, "z")].add_(param.grad.sign(), alpha=-lr)
+        self.lr_max = max(lr, self.lr_max)
+        weight = self.lr_max ** self.weight_lr_power  # the wrapper's (k + 1)^r factor is 1: sparsify keeps r = 0
+        self.weight_sum = self.weight_sum + weight
+        ckp1 = weight / self.weight_sum
+        for p, param in stepped.items():
+            z = self.state[(p, "z")]
+            param.lerp_(z, ckp1)
+            param.lerp_(z, 1 - self.momentum)
+        self.k += 1
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        if self.train_mode and self.k > 0:
+            self._train_point = {p: param.detach().clone() for p, param in self.params.items()}
+            for p, param in self.params.items():
+                param.lerp_(self.state[(p, "z")], 1 - 1 / self.momentum)
+        self.train_mode = False
+
+    @torch.no_grad()
+    def train(self) -> None:
+        if not self.train_mode and self.k > 0:
+            for p, param in self.params.items():
+                if self._train_point is not None:
+                    param.copy_(self._train_point[p])
+                else:
+                    param.lerp_(self.state[(p, "z")], 1 - self.momentum)
+        self._train_point = None
+        self.train_mode = True
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """z, the train point y (the parameters in train mode, the kept copy in eval mode) and the scalars."""
+        if not self.train_mode and self._train_point is None and self.k > 0:
+            raise RuntimeError("the train point of this optimizer is not known (loaded in eval mode)")
+        y = self._train_point if not self.train_mode and self._train_point is not None else \
+            {p: param.detach() for p, param in self.params.items()}
+        out = super().state_tensors()
+        out |= {optimizer_tensor_name(p, TRAIN_POINT_SLOT): y[p].float() for p in self.params}
+        scalars = {"k": torch.tensor([self.k], dtype=torch.int64),
+                   "lr_max": torch.tensor([self.lr_max], dtype=torch.float64),
+                   "weight_sum": torch.tensor([self.weight_sum], dtype=torch.float64)}
+        return out | {optimizer_scalar_name(s): scalars[s] for s in OPTIMIZER_SCALARS[self.name]}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Load z and the scalars, and put the parameters at the saved train point y (train mode)."""
+        super().load_state_tensors(tensors)
         for p, param in self.params.items():
-            if param.grad is None:
-                continue
-            m = self.state[(p, "momentum")]
-            m.mul_(self.beta).add_(param.grad.float(), alpha=1 - self.beta)
-            param.sub_((lr * torch.sign(m)).to(param.dtype))
+            param.copy_(torch.as_tensor(tensors[optimizer_tensor_name(p, TRAIN_POINT_SLOT)]))
+        self.k = int(tensors[optimizer_scalar_name("k")].reshape(-1)[0])
+        self.lr_max = float(tensors[optimizer_scalar_name("lr_max")].reshape(-1)[0])
+        self.weight_sum = float(tensors[optimizer_scalar_name("weight_sum")].reshape(-1)[0])
+        self.train_mode, self._train_point = True, None
 
 
 class Adam(Optimizer):
