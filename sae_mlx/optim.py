@@ -55,12 +55,6 @@ class Optimizer:
                           if slot != TRAIN_POINT_SLOT}
                       for p, param in tree_flatten(module.trainable_parameters())}
 
-    def train(self) -> None:
-        """Switch to the training point (a no-op here; schedule-free optimizers average their iterates)."""
-
-    def eval(self) -> None:
-        """Switch the parameters to the evaluation point, as saved (a no-op here)."""
-
     @property
     def params(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.module.trainable_parameters()))

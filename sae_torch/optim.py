@@ -44,12 +44,6 @@ class Optimizer:
                       for p, param in params.items() for slot in OPTIMIZER_SLOTS[self.name]
                       if slot != TRAIN_POINT_SLOT}
 
-    def train(self) -> None:
-        """Switch to the training point (a no-op here; schedule-free optimizers average their iterates)."""
-
-    def eval(self) -> None:
-        """Switch the parameters to the evaluation point, as saved (a no-op here)."""
-
     def zero_grad(self) -> None:
         for param in self.params.values():
             param.grad = None
