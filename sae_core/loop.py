@@ -418,7 +418,7 @@ class Loop:
         b = self.backend
         for name, c in self.coders.items():
             tensors = read_coder_state(self.shared_run / name, self.cfg.optimizer, b.param_shapes(c.sae))
-            c.opt.load_state_tensors({k: b.from_numpy(v) for k, v in tensors.items()})
+            c.opt.load_state_tensors(tensors)  # NumPy: a framework array could round the float64 scalars
             c.tokens_since_fired = b.from_numpy(tensors["tokens_since_fired"].astype(np.int64))
             c.fire_count = b.from_numpy(tensors["fire_count"].astype(np.int64))
             c.lr = saved.get("lr", {}).get(name, c.lr) if self.cfg.lr is None else c.lr

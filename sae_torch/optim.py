@@ -57,9 +57,10 @@ class Optimizer:
     def state_tensors(self) -> dict[str, Tensor]:
         return {optimizer_tensor_name(p, slot): t for (p, slot), t in self.state.items()}
 
-    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+    def load_state_tensors(self, tensors: dict) -> None:
+        """Tensors or NumPy arrays by state name (the scalars stay float64: NumPy keeps them exact)."""
         for (p, slot), t in self.state.items():
-            t.copy_(tensors[optimizer_tensor_name(p, slot)])
+            t.copy_(torch.as_tensor(tensors[optimizer_tensor_name(p, slot)]))
 
 
 class Signum(Optimizer):

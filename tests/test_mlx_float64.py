@@ -33,11 +33,12 @@ def test_float64_checkpoint_loads_as_float32_and_runs(tmp_path):
         np.testing.assert_array_equal(np.array(state[name]), value.astype(np.float64).astype(np.float32))
     assert MlxCoder.load_from_disk(folder, dtype=mx.bfloat16).dtype == mx.bfloat16
 
-    # the same forward as torch on the float64 file (torch keeps float64; the fp32 MLX result agrees to fp32)
+    # the same forward as torch on the float64 file (torch also loads it as float32)
     ref = TorchCoder.load_from_disk(folder)
+    assert ref.dtype == torch.float32
     x, y = case.x.astype(np.float32), case.y.astype(np.float32)
     got = sae(mx.array(x), mx.array(y))
     mx.eval(got)
-    want = ref(torch.from_numpy(x).double(), torch.from_numpy(y).double())
+    want = ref(torch.from_numpy(x), torch.from_numpy(y))
     np.testing.assert_allclose(np.array(got.sae_out), want.sae_out.detach().numpy(), rtol=1e-4, atol=1e-5)
     assert np.array_equal(np.sort(np.array(got.latent_indices), 1), np.sort(want.latent_indices.numpy(), 1))

@@ -21,7 +21,7 @@ D_IN, K, EXPANSION, TOKENS = 24, 4, 4, 96
 
 def _coder_and_data(seed: int = 0):
     torch.manual_seed(seed)
-    sae = SparseCoder(D_IN, SparseCoderConfig(k=K, expansion_factor=EXPANSION), "cpu", dtype=torch.float32)
+    sae = SparseCoder(D_IN, SparseCoderConfig(k=K, expansion_factor=EXPANSION), device="cpu", dtype=torch.float32)
     rng = np.random.default_rng(seed)
     batches = [torch.from_numpy(rng.normal(size=(TOKENS, D_IN)).astype(np.float32) * 2 + 0.5) for _ in range(8)]
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_eval_before_any_step_is_a_no_op():
     assert all(torch.equal(p, before[n]) for n, p in sae.named_parameters())
     with pytest.raises(RuntimeError, match="eval mode"):
         opt.eval()
-        _backward(sae, torch.ones(4, D_IN))
+        _backward(sae, torch.randn(4, D_IN, generator=torch.Generator().manual_seed(0)))
         opt.step(1e-3)
 
 
@@ -140,7 +140,7 @@ mx = pytest.importorskip("mlx.core")
 def _mlx_twin(sae):
     from sae_mlx.sparse_coder import SparseCoder as MlxCoder
 
-    twin = MlxCoder(D_IN, sae.cfg, mx.float32)
+    twin = MlxCoder(D_IN, sae.cfg, dtype=mx.float32)
     twin.update({"encoder": {"weight": mx.array(sae.encoder.weight.detach().numpy()),
                              "bias": mx.array(sae.encoder.bias.detach().numpy())},
                  "W_dec": mx.array(sae.W_dec.detach().numpy()), "b_dec": mx.array(sae.b_dec.detach().numpy())})
