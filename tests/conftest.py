@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 # Offline: a hub name that does not exist fails at once instead of retrying for ~30 s.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")  # full fp32 matmuls on M5-class Macs (see parity/__init__.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -166,3 +166,15 @@ def test_suite_compares_with_the_parameters_it_made(monkeypatch):
     assert {"parameters as loaded (vs the fixture's)", "sae_out", "grad W_dec"} <= set(failed), failed
     # only the autoencoders (equal shapes) fail
     assert {r.case for r in rows if not r.ok} == {r.case for r in rows if "transcoder" not in r.case}
+
+
+def test_parity_runs_mlx_matmuls_in_full_fp32_unless_told_otherwise():
+    """MLX's TF32 default (Apple GPUs with matrix units) would put fp32 rows past their 1e-4 ceilings: importing
+    parity turns it off before MLX loads, and keeps a user's explicit setting."""
+    code = "import parity, os; print(os.environ['MLX_ENABLE_TF32'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_TF32"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "0"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "MLX_ENABLE_TF32": "1"}, check=True)
+    assert done.stdout.strip() == "1"
