@@ -520,7 +520,8 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
             else:
                 hookpoints = source.hookpoints
                 if source.transcode != cfg.sae.transcode:
-                    raise UserError(f"the activations are for {'a transcoder' if source.transcode else 'an autoencoder'}"
+                    kind = 'a transcoder' if source.transcode else 'an autoencoder'
+                    raise UserError(f"the activations are for {kind}"
                                     f" but the config says transcode={cfg.sae.transcode}")
             if run is None:
                 run = _choose_run_dir(comms, cfg.save_dir, cfg.run_name, cfg.model, hookpoints, bool(resume), overwrite)
@@ -540,8 +541,8 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
                 source.data_info["model_dtype"] = model_dtype  # checked and kept on resume, whichever runner resumes
             if saved is not None:
                 check_same_run(saved, source, hookpoints)
-            loop = make_loop(cfg, source, run, saved, backend=backend, progress=progress, stop_after_steps=stop_after_steps,
-                             plots=plots, comms=comms)
+            loop = make_loop(cfg, source, run, saved, backend=backend, progress=progress,
+                             stop_after_steps=stop_after_steps, plots=plots, comms=comms)
             if progress:
                 what = ", ".join(f"{n} (d_in={c.sae.d_in}, M={c.sae.num_latents}, k={cfg.sae.k}, lr={c.lr:.2e})"
                                  for n, c in loop.coders.items())
@@ -555,8 +556,9 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
                 raise
             except Exception as e:
                 if backend.is_oom(e):
-                    raise UserError(f"out of memory at step {loop.step} ({type(e).__name__}): lower --batch_size, or "
-                                    f"keep it and split the work with --grad_acc_steps N (N batches per optimizer step) "
+                    raise UserError(f"out of memory at step {loop.step} ({type(e).__name__}): lower --batch_size, "
+                                    f"or keep it and split the work with --grad_acc_steps N "
+                                    f"(N batches per optimizer step) "
                                     f"or --micro_acc_steps N (each batch in N chunks); the last checkpoint is intact"
                                     ) from None
                 raise

@@ -83,7 +83,8 @@ REFUSED = {
     "standard": "a ReLU SAE (every latent with a positive pre-activation fires, no k); ours are TopK only",
     "jumprelu": "a JumpReLU SAE (per-latent thresholds); ours are TopK and have no thresholds",
     "gated": "a gated SAE (separate gate and magnitude paths); ours are TopK only",
-    "abstopk": "an AbsTopK SAE (selects by |pre-activation| and keeps negative values); ours select by value after ReLU",
+    "abstopk": ("an AbsTopK SAE (selects by |pre-activation| and keeps negative values); "
+                "ours select by value after ReLU"),
     "batchtopk": "a BatchTopK SAE (selection across the batch; SAELens saves it for inference as 'jumprelu')",
     "matryoshka_batchtopk": "a Matryoshka BatchTopK SAE (selection across the batch)",
     "transcoder": ("SAELens's ReLU transcoder (every latent with a positive pre-activation fires, no k); ours are "
@@ -410,8 +411,9 @@ _TL_HOOK = re.compile(r"blocks\.(?P<n>\d+)\.(?P<hook>hook_resid_post|hook_resid_
 
 def sparsify_hookpoint(metadata: dict, transcoder: bool) -> str | None:
     """The reverse of `transformer_lens_hooks` and `hf_module_hooks`: the sparsify hookpoint (the HF module path,
-    named as the model family in `model_name` names its modules) of a SAELens coder's metadata; None where there is none (a head index, an
-    unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"]) comes back as it was."""
+    named as the model family in `model_name` names its modules) of a SAELens coder's metadata; None where there
+    is none (a head index, an unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"])
+    comes back as it was."""
     saved = metadata.get("sparsify_hookpoint")
     if isinstance(saved, str) and saved:
         return saved

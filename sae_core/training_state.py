@@ -62,8 +62,9 @@ CheckpointError before a single file is moved. Reading a run refuses any symboli
 
 One writer at a time. `lock_run` takes an exclusive `flock` on the run folder itself (no lock file: the folder stays
 sparsify's layout; the kernel releases the lock when the process dies, so a killed run never blocks its
-resumption); a second process that wants to train in the same folder is refused with a clear message. Readers (`sae eval`) take no lock; they recover an interrupted save only
-when no writer holds the folder. In a distributed run rank 0 is the writer (the other ranks take no lock).
+resumption); a second process that wants to train in the same folder is refused with a clear message. Readers
+(`sae eval`) take no lock; they recover an interrupted save only when no writer holds the folder. In a distributed
+run rank 0 is the writer (the other ranks take no lock).
 """
 from __future__ import annotations
 

@@ -306,8 +306,8 @@ def scatter_outer_reference(
     products it replaced at the densities this function sees: top-k (k = 32 over all latents) 48-77 ms against
     110 (CSR by token, S^T @ rows) and 130-175 (COO); k = 384 over 3072-12288 latents 433-452 ms against 534-1455
     (COO). Only at ~1280 occurrences per latent (k = 384 over 1229 latents, where the coder uses `subset_decode`
-    instead) was COO faster, 252 against 316 ms. Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows, O(num_rows*d) for the output;
-    never an N*k*d or N*num_rows temporary.
+    instead) was COO faster, 252 against 316 ms. Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows,
+    O(num_rows*d) for the output; never an N*k*d or N*num_rows temporary.
     """
     _validate_scatter(weights, indices, rows, num_rows)
     out_dtype = torch.result_type(weights, rows)
