@@ -302,11 +302,9 @@ def scatter_outer_reference(
 
     Per-latent reduction through aten's embedding_bag dense backward (``_embedding_bag_dense_backward``, mode sum
     with per-sample weights: it sorts the N*k indices and sums each latent's rows), in fp32 (float64 for float64
-    inputs). Measured on CPU (2 cores, d = 768, M = 24576, N = 4096; bench/README.md), it beat the sparse-matrix
-    products it replaced at the densities this function sees: top-k (k = 32 over all latents) 48-77 ms against
-    110 (CSR by token, S^T @ rows) and 130-175 (COO); k = 384 over 3072-12288 latents 433-452 ms against 534-1455
-    (COO). Only at ~1280 occurrences per latent (k = 384 over 1229 latents, where the coder uses `subset_decode`
-    instead) was COO faster, 252 against 316 ms. Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows,
+    inputs). Chosen because it beat the CSR/COO sparse-matrix products it replaced at the densities this function
+    sees (COO wins only where the coder takes `subset_decode` instead); the timings are in bench/README.md, "What
+    changed in this session's kernels". Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows,
     O(num_rows*d) for the output; never an N*k*d or N*num_rows temporary.
     """
     _validate_scatter(weights, indices, rows, num_rows)
