@@ -43,8 +43,9 @@ def compile_mode(compiled: bool | str | None = None) -> str:
     False = "off", a mode name, or None = $SAE_MLX_COMPILE (0/1 or a mode name), else "off".
 
     Nothing is compiled by default: on the CPU compiling did not pay (the compiled forward+backward uses a
-    fixed-size AuxK; the update is 1-2% of a step); the figures are in bench/README.md, "MLX on Linux". Every mode computes the same run (tests/test_train_mlx.py); on Apple silicon,
-    where fusing matters more, measure `SAE_MLX_COMPILE=update` and `=all`."""
+    fixed-size AuxK; the update is 1-2% of a step); the figures are in bench/README.md, "MLX on Linux". Every mode
+    computes the same run (tests/test_train_mlx.py); on Apple silicon, where fusing matters more, measure
+    `SAE_MLX_COMPILE=update` and `=all`."""
     if compiled is None:
         compiled = os.environ.get("SAE_MLX_COMPILE", "") or "off"
     if compiled is True or compiled == "1":
