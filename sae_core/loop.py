@@ -3,28 +3,7 @@ sae_torch.trainer.TorchBackend, sae_mlx.trainer.MlxBackend) does what needs a fr
 (`SingleProcess` by default; sae_torch.distributed / sae_mlx.distributed for several processes) does what needs the
 other ranks.
 
-Per optimizer step, for every coder (one per hookpoint and init seed), on grad_acc_steps batches {hook: (x, y)}:
-    (first step of a fresh run: b_dec <- mean of the first (global) batch's targets y)
-    dead_mask = tokens_since_fired >= dead_feature_threshold          (only when auxk_alpha > 0)
-    for each of micro_acc_steps chunks c of the batch:
-        loss = total_loss(fvu, auxk_loss, multi_topk_fvu) * TV_c / TV / grad_acc_steps, gradients accumulated
-               (TV_c / TV: each chunk's terms are renormalised by the whole (global) batch's total variance, so
-               chunking and data parallelism leave the loss unchanged)
-        fired |= latents with activation > 0 in this chunk
-    (data parallel: gradients, fired latents, fire counts and the step's tokens are summed over the ranks)
-    (normalize_decoder, autoencoders only, as sparsify: remove the W_dec gradient's component along each row)
-    optimizer step with lr = TrainConfig.lr_at(step, base_lr, warmup, total_steps)
-    (normalize_decoder: renormalise W_dec rows to unit norm)
-    tokens_since_fired += tokens of the step; tokens_since_fired[fired] = 0
-
-The data position (batches consumed), optimizer moments, tokens_since_fired and step are saved every save_every
-steps in the layout of sae_core.training_state, so `resume` continues bit for bit (same device and thread count),
-at any world size and on either backend.
-
-Distributed (a `Comms` with world > 1): data parallel by default: every rank walks the same global batch order and
-takes its contiguous slice of each global batch (`ShardedSource`); the writer (rank 0) alone writes the checkpoint,
-in the 1-rank layout. With `distribute_modules` (torch) the coders are split over the ranks instead
-(`owners`), each trained on the full batches, and every owner writes its coders into one checkpoint.
+Design notes: docs/internals.md, section `sae_core/loop.py`.
 """
 from __future__ import annotations
 
