@@ -232,8 +232,8 @@ def import_sparsify(device: str):
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints which decoder it picked
         import sparsify  # noqa: F401
-        # Imported for its side effect: it loads (and reports) the decoder implementation sparsify picks,
-        # inside the redirect above; without it that happens, and prints, later.
+        # Imported only for its side effect: the submodule is loaded here, inside the redirect, so what importing
+        # it prints is swallowed and callers find it in sys.modules.
         import sparsify.utils  # noqa: F401
     return sys.modules["sparsify"]
 
