@@ -37,7 +37,8 @@ RENORM_EPS = float(np.finfo(np.float32).eps)
 #                                               state (schedule-free saves its evaluation point, not these)
 #   saved_weights(params, state)                what the trainer saves as the SAE weights
 #   gradient(state_before, state, name)         the step's gradient of a parameter, if the state shows it, else None
-# Split this way so that the state and the update given the state are checked separately (module docstring).
+# Split this way so that the state and the update given the state are checked separately
+# (docs/internals.md, `parity/step.py`).
 # ---------------------------------------------------------------------------------------------------------------
 
 class AdamReference:

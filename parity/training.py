@@ -28,7 +28,8 @@ PATH = "training"  # the Row path: torch vs MLX training loops
 EARLY_STEPS = 20  # the start of the loss curve, before signum's sign flips have added up
 SHORT_STEPS = 5  # signum: a second, short run whose weights are compared element for element
 
-# quantity -> ceiling, per optimizer (see the module docstring; measured values in the comments, seeds 0-4).
+# quantity -> ceiling, per optimizer (see docs/internals.md, `parity/training.py`; measured values in the
+# comments, seeds 0-4).
 # Adam: the bugs a cross-backend check can see are those made in one backend only; measured at 300 steps, seed 0,
 # with the MLX renormalisation skipped / the torch decoder-gradient projection skipped: weights 0.18 / 0.15, moments
 # 0.43 / 0.36, fvu curve 0.031 / 0.026, auxk curve 0.11 / 0.11, dead latents 0.0156 / 0.0156 (5 of 320 latents).

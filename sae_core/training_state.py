@@ -123,7 +123,7 @@ def needs_recovery(target: Path) -> bool:
 def recover(target: Path) -> list[str]:
     """Finish or discard an interrupted save in `target` (a run folder or its best/); returns what was done.
 
-    Checks everything first (see the module docstring: untrusted run folders), then acts."""
+    Checks everything first (see docs/SPEC.md section 4: untrusted run folders), then acts."""
     done = []
     target = Path(target)
     saving, ready, best = target / SAVING, target / READY, target / BEST_DIR

@@ -105,7 +105,7 @@ def lerp(a: mx.array, b: mx.array, weight) -> mx.array:
 
 
 class Signum(Optimizer):
-    """Schedule-free sign-SGD (sparsify's signum); see the module docstring and sae_torch/optim.py."""
+    """Schedule-free sign-SGD (sparsify's signum); the math is in docs/SPEC.md section 3."""
     name = "signum"
 
     def __init__(self, module: nn.Module, momentum: float = 0.95, weight_lr_power: float = 2.0):

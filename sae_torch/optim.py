@@ -40,7 +40,7 @@ class Optimizer:
 
 
 class Signum(Optimizer):
-    """Schedule-free sign-SGD (sparsify's signum); see the module docstring."""
+    """Schedule-free sign-SGD (sparsify's signum); the math is in docs/SPEC.md section 3."""
     name = "signum"
 
     def __init__(self, params: dict[str, nn.Parameter], momentum: float = 0.95, weight_lr_power: float = 2.0):
