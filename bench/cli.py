@@ -249,7 +249,8 @@ def main(argv=None) -> int:
 
     results = {"environment": describe_environment(device), "settings": {
         "warmup": warmup, "reps": reps, "sides": sides, "quick": a.quick, "argv": sys.argv[1:] if argv is None
-        else list(argv), "worker_env": dict(WORKER_ENV)}, "notes": notes, "configs": [], "kernels": None, "memory_auxk_off": []}
+        else list(argv), "worker_env": dict(WORKER_ENV)}, "notes": notes, "configs": [], "kernels": None,
+        "memory_auxk_off": []}
     if device == "mps":
         notes.append("Apple silicon: the torch sides (ours and sparsify) run on MPS in fp32 (no autocast), as the "
                      "MLX side does on Metal; peak memory is not measured on MPS (unified memory: torch.mps has no "

@@ -42,7 +42,8 @@ class BenchConfig:
     @property
     def name(self) -> str:
         aux = f"dead{self.dead_frac:g}" if self.dead_frac > 0 else "noaux"
-        return f"d{self.d_in}_M{self.num_latents}_k{self.k}_N{self.n_tokens}_{aux}" + ("_multi" if self.multi_topk else "")
+        return (f"d{self.d_in}_M{self.num_latents}_k{self.k}_N{self.n_tokens}_{aux}"
+                + ("_multi" if self.multi_topk else ""))
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "num_latents": self.num_latents, "num_dead": self.num_dead,
@@ -231,7 +232,9 @@ def import_sparsify(device: str):
 
     with contextlib.redirect_stdout(io.StringIO()):  # it prints which decoder it picked
         import sparsify  # noqa: F401
-        import sparsify.utils
+        # Imported only for its side effect: the submodule is loaded here, inside the redirect, so what importing
+        # it prints is swallowed and callers find it in sys.modules.
+        import sparsify.utils  # noqa: F401
     return sys.modules["sparsify"]
 
 

@@ -7,24 +7,7 @@
 Writes `results.json` (every number and setting), `results.md` (the tables) and `quality.png` (held-out FVU and
 dead % against training tokens) to --out.
 
-Sides, each on the same tokens in the same order:
-* `ours-<optimizer>`: trained through the library's real entry, `sae_torch.trainer.train`, with our defaults
-  (TrainConfig) except the sizes; the curve points come from pausing (`stop_after_steps`) and resuming, which is
-  bit for bit the uninterrupted run. `--variant NAME:key=value,...` adds sides with other TrainConfig settings.
-* `sparsify`: eai-sparsify 1.3.3's `SparseCoder` and optimizer exactly as its `Trainer` builds them for its
-  default `signum`: `ScheduleFreeWrapper(SignSGD(params, lr=5e-3 / sqrt(M / 2^14)), momentum=0.95)`, constant lr,
-  `b_dec` set to the first batch's mean, decoder rows renormalised before each forward, the decoder gradient's
-  parallel component removed before each step, `eval()` before evaluating (sparsify/trainer.py); its default
-  auxk_alpha is 0.
-
-One shared evaluation on held-out tokens: FVU, % of latents that never fire (activation > 0) on them; synthetic:
-true features recovered (a decoder row with cosine > 0.9) and the mean over true features of the best cosine; real:
-`sae_torch.eval.evaluate` with every side's SAE spliced into SmolLM2 (CE increase, loss recovered, KL).
-
-Synthetic ground truth (seeded): `features` unit vectors in d dimensions; feature i fires on a token with
-probability p_i proportional to (i + 1)^-0.7, scaled to `active` expected firings per token (capped at 1), with
-magnitude uniform in [0.5, 1.5]; x = sum of the firing features' magnitude * direction + a fixed mean offset (norm
-`offset`) + Gaussian noise (std `noise` per coordinate).
+Design notes: docs/internals.md, section `bench/quality.py`.
 """
 from __future__ import annotations
 

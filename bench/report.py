@@ -47,8 +47,9 @@ def markdown(results: dict, target: dict) -> str:
     dev = env.get("gpu") if cuda else f"CPU: {env['cpu_model']} ({env['cpu_count']} cores, torch threads " \
                                          f"{env['torch_threads']})"
     L.append(f"- **Device**: {dev}  ")
-    L.append(f"- **Date**: {env['date_utc']}; load average (1, 5, 15 min) at start {env.get('load_average_at_start')}, at end "
-             f"{env.get('load_average_at_end', 'n/a')} (other processes share the CPU when it exceeds the core count)  ")
+    L.append(f"- **Date**: {env['date_utc']}; load average (1, 5, 15 min) at start "
+             f"{env.get('load_average_at_start')}, at end {env.get('load_average_at_end', 'n/a')} "
+             f"(other processes share the CPU when it exceeds the core count)  ")
     L.append(f"- **Versions**: torch {env['torch']}, eai-sparsify {env.get('eai_sparsify') or 'not installed'}, "
              f"mlx {env.get('mlx') or 'not installed'}, triton {env.get('triton') or 'not installed'}, "
              f"Python {env['python']}  ")

@@ -28,7 +28,7 @@ def _setup(args):
 
 
 def mode_time(args) -> dict:
-    torch = _setup(args)
+    _setup(args)  # for its side effects: thread count and matmul precision
     from bench.common import BenchConfig, Timer, build_side, initial_state, make_data, summarize, train_step
 
     cfg = BenchConfig.from_dict(args["config"])
@@ -79,7 +79,7 @@ def gemm_floor(cfg, device: str, reps: int) -> dict:
 
 
 def mode_memory(args) -> dict:
-    torch = _setup(args)
+    _setup(args)  # for its side effects: thread count and matmul precision
     from bench import memory
     from bench.common import BenchConfig, build_side, initial_state, make_data, train_step
 

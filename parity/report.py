@@ -116,7 +116,8 @@ def to_markdown(report: dict) -> str:
                                                 if kernels is not None else ""))
     failed = [r for r in report["rows"] if not r["ok"]]
     lines += ["", f"## Worst row per (path, dtype, quantity); {len(report['rows'])} rows, {len(failed)} failed", "",
-              "| path | dtype | quantity | max error | ceiling | result | worst case |", "|---|---|---|---|---|---|---|"]
+              "| path | dtype | quantity | max error | ceiling | result | worst case |",
+              "|---|---|---|---|---|---|---|"]
     for r in report["summary"]:
         lines.append(f"| {r['path']} | {r['dtype']} | {r['quantity']} | {r['error']:.3g} | {r['ceiling']:.3g} | "
                      f"{'pass' if r['ok'] else 'FAIL'} | {r['case']} |")

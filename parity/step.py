@@ -4,32 +4,7 @@ reference of SPEC section 3's step, and the step's invariants checked directly a
 The cross-backend comparison of `parity.training` cannot see a bug made the same way in both trainers, and the
 forward suite never takes a step. Here each backend is compared with this module's float64 step instead:
 
-    (first step: b_dec <- mean of the batch's targets)
-    dead_mask = tokens_since_fired >= dead_feature_threshold
-    grads     = the oracle's gradients of fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8 (its own selection)
-    W_dec gradient: each row's component along that row of W_dec removed       (normalize_decoder, autoencoders)
-    optimizer step (REFERENCE_OPTIMIZERS: pluggable; lr from TrainConfig.lr_at)
-    W_dec rows renormalised to unit norm                                        (normalize_decoder, autoencoders)
-    tokens_since_fired += tokens; 0 for latents that fired (activation > 0 among the k selected)
-
-The backend runs are the real trainers (`parity.training.torch_trainer` / `mlx_trainer`), one optimizer step per
-`fit()` call (`stop_after_steps`), so every step's checkpoint (weights, optimizer state, tokens_since_fired, in
-the shared on-disk layout) is read back and checked: the MLX trainer eagerly and compiled (`SAE_MLX_COMPILE=all`:
-the compiled forward+backward with its fixed-size AuxK, and the compiled update). A few latents start dead (fewer
-than d_out // 2, so the compiled AuxK must zero the slots that land on live latents), and AuxK is weighted 0.5 so
-its gradient is well above rounding.
-
-Each step is checked from the backend's own state before it (no drift adds up), per backend (rows of path
-`step:<backend>`, the worst over the steps; CEILINGS):
-* the optimizer state after the step against the float64 step's (gradients, projection, AuxK, moments);
-* the weights against the update applied in float64 from the backend's weights before and state after the step,
-  then renormalised (optimizer arithmetic such as Adam's epsilon and bias corrections, the lr, the renorm). Not the
-  weights after a whole float64 step: Adam's update is nearly lr * sign(g), and where a gradient is within fp32
-  rounding of 0 that sign is rounding;
-* tokens_since_fired, exactly;
-* unit-norm decoder rows (max |1 - |row||);
-* the decoder-gradient projection, where the optimizer state shows the step's gradient (Adam: g_t = (m_t -
-  beta1 m_{t-1}) / (1 - beta1)), whose rows must be orthogonal to the W_dec rows the step started from.
+Design notes: docs/internals.md, section `parity/step.py`.
 """
 from __future__ import annotations
 
@@ -62,7 +37,8 @@ RENORM_EPS = float(np.finfo(np.float32).eps)
 #                                               state (schedule-free saves its evaluation point, not these)
 #   saved_weights(params, state)                what the trainer saves as the SAE weights
 #   gradient(state_before, state, name)         the step's gradient of a parameter, if the state shows it, else None
-# Split this way so that the state and the update given the state are checked separately (module docstring).
+# Split this way so that the state and the update given the state are checked separately
+# (docs/internals.md, `parity/step.py`).
 # ---------------------------------------------------------------------------------------------------------------
 
 class AdamReference:

@@ -255,7 +255,8 @@ def summarize(rows: list[Row]) -> list[dict]:
         key = (row.path, row.dtype, row.quantity)
         current = worst.get(key)
         margin = row.error - row.ceiling
-        if current is None or (not row.ok and current.ok) or (row.ok == current.ok and margin > current.error - current.ceiling):
+        if (current is None or (not row.ok and current.ok)
+                or (row.ok == current.ok and margin > current.error - current.ceiling)):
             worst[key] = row
     return [asdict(row) | {"cases": sum(1 for r in rows if (r.path, r.dtype, r.quantity) == key)}
             for key, row in worst.items()]

@@ -4,28 +4,7 @@ AuxK, the b_dec init, the LR schedule), run for a few hundred steps in fp32 from
 same batches, then compared: the final weights and optimizer moments, the per-step loss curves (FVU and AuxK) and
 the dead-latent counts.
 
-Data: seeded NumPy activations of sparse structure (a dictionary of 3 * d directions, a few active per token,
-an offset so that b_dec != 0, noise), d_in not a power of two. `dead_feature_threshold` is a few batches, so
-latents die early and AuxK is active for most of the run (the rows report on how many steps).
-
-Why two kinds of check, and why the tolerances are what they are:
-
-* Two fp32 implementations of the same step differ by rounding (reduction order in matmuls, sums, fused ops).
-  Training feeds each step's rounding into the next, so the runs drift apart over the steps; a TopK near-tie
-  resolved differently, or a latent that dies one step earlier on one side, then moves the runs apart faster.
-* Adam's update is m / sqrt(v): smooth in the gradient, so drift stays proportional to the rounding that caused it.
-  The Adam run is compared tightly: weights and moments element for element (max|diff| / max|ref|), the loss curve
-  step for step (relative).
-* Signum's step is lr * sign(g): an element whose gradient is near 0 takes a full +-lr step in a direction set by
-  rounding. Schedule-free signum (sparsify's) steps z that way and trains at y, an average of the z iterates, so
-  a flip first moves y by little, but at its constant lr the flips add up: after 300 steps 36% and 80% of the
-  weight elements differed by more than lr / 2 in 2 of 5 seeds (under 0.1% in all 5 with a decaying lr), so
-  element-wise weight comparison is meaningful only over the first steps. The signum run is compared on what the
-  sign flips do not change much: the loss curve (relative, looser), the dead-latent counts and the final FVU, and
-  element for element after a short run.
-
-The ceilings below were measured on Linux x86-64 CPU (torch 2.13 eager, MLX 0.32.4 CPU; compiled and eager MLX
-steps give the same numbers) and given 3-10x headroom; `python -m parity --training` prints the measured values.
+Design notes: docs/internals.md, section `parity/training.py`.
 """
 from __future__ import annotations
 
@@ -49,7 +28,8 @@ PATH = "training"  # the Row path: torch vs MLX training loops
 EARLY_STEPS = 20  # the start of the loss curve, before signum's sign flips have added up
 SHORT_STEPS = 5  # signum: a second, short run whose weights are compared element for element
 
-# quantity -> ceiling, per optimizer (see the module docstring; measured values in the comments, seeds 0-4).
+# quantity -> ceiling, per optimizer (see docs/internals.md, `parity/training.py`; measured values in the
+# comments, seeds 0-4).
 # Adam: the bugs a cross-backend check can see are those made in one backend only; measured at 300 steps, seed 0,
 # with the MLX renormalisation skipped / the torch decoder-gradient projection skipped: weights 0.18 / 0.15, moments
 # 0.43 / 0.36, fvu curve 0.031 / 0.026, auxk curve 0.11 / 0.11, dead latents 0.0156 / 0.0156 (5 of 320 latents).

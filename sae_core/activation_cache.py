@@ -2,26 +2,7 @@
 
 A cache folder:
 
-    manifest.json           {"format": "sae-twins/activations", "version": 1, "transcode": bool, "dtype": "float32",
-                             "hookpoints": {hook: {"d_in": int, "d_out": int}}, "total_tokens": int,
-                             "shards": [{"file": "shard-00000.safetensors", "tokens": int}, ...],
-                             "model", "dataset", "split", "ctx_len", "exclude_tokens", ...: provenance}
-    shard-00000.safetensors  tokens [N] int32 (the token ids), <hook>.x [N, d_in], and <hook>.y [N, d_out] only for
-                             transcoders (an autoencoder's target is its input)
-
-Excluded tokens are already dropped. A harvest is built in a hidden folder beside OUT (`.OUT.XXXXXXXX.partial`)
-and renamed into place when complete, so an interrupted harvest (also with --overwrite) leaves the old cache as it
-was; a partial folder left by a killed harvest is removed by the next one. Each shard entry of the manifest also
-holds the sha256 of its tensors, so the manifest identifies the cache's contents: `ActivationCache.fingerprint`
-(checked when a run trained on a cache resumes) is a hash of it.
-
-A cache may come from someone else, so reading checks it before training starts: shard files are plain names inside
-the folder (no absolute paths, no `..`, no symbolic links), and every shard's header must hold the manifest's token
-count, `<hook>.x` (and `.y`) of the manifest's widths in a float dtype. Reading is framework-free (NumPy) and
-streams: only the shard(s) a batch touches are in memory.
-Batch order: epoch e visits the shards in `default_rng([seed, e]).permutation(num_shards)` order and the rows of
-shard s in `default_rng([seed, e, s]).permutation(rows)` order; batches are consecutive blocks of batch_tokens
-rows of that sequence (a tail shorter than batch_tokens is skipped), so batch b is a function of (b, seed).
+Design notes: docs/internals.md, section `sae_core/activation_cache.py`.
 """
 from __future__ import annotations
 

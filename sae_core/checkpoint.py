@@ -191,8 +191,9 @@ def validate_checkpoint(folder: Path) -> tuple[SparseCoderConfig, int, int, dict
         raise CheckpointError(f"{path}: unexpected tensor(s) {', '.join(extra)}{hint}")
     for name, shape in expected.items():
         if tuple(header[name]["shape"]) != shape:
+            m = shape[0] if name != 'b_dec' else cfg.num_latents_for(d_in)
             raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(header[name]['shape'])}, but "
-                                  f"{CONFIG_FILE} (d_in={d_in}, d_out={d_out}, M={shape[0] if name != 'b_dec' else cfg.num_latents_for(d_in)}) "
+                                  f"{CONFIG_FILE} (d_in={d_in}, d_out={d_out}, M={m}) "
                                   f"implies {shape}")
         if header[name]["dtype"] not in FLOAT_DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {header[name]['dtype']}, expected a float type")

@@ -3,28 +3,7 @@ sae_torch.trainer.TorchBackend, sae_mlx.trainer.MlxBackend) does what needs a fr
 (`SingleProcess` by default; sae_torch.distributed / sae_mlx.distributed for several processes) does what needs the
 other ranks.
 
-Per optimizer step, for every coder (one per hookpoint and init seed), on grad_acc_steps batches {hook: (x, y)}:
-    (first step of a fresh run: b_dec <- mean of the first (global) batch's targets y)
-    dead_mask = tokens_since_fired >= dead_feature_threshold          (only when auxk_alpha > 0)
-    for each of micro_acc_steps chunks c of the batch:
-        loss = total_loss(fvu, auxk_loss, multi_topk_fvu) * TV_c / TV / grad_acc_steps, gradients accumulated
-               (TV_c / TV: each chunk's terms are renormalised by the whole (global) batch's total variance, so
-               chunking and data parallelism leave the loss unchanged)
-        fired |= latents with activation > 0 in this chunk
-    (data parallel: gradients, fired latents, fire counts and the step's tokens are summed over the ranks)
-    (normalize_decoder, autoencoders only, as sparsify: remove the W_dec gradient's component along each row)
-    optimizer step with lr = TrainConfig.lr_at(step, base_lr, warmup, total_steps)
-    (normalize_decoder: renormalise W_dec rows to unit norm)
-    tokens_since_fired += tokens of the step; tokens_since_fired[fired] = 0
-
-The data position (batches consumed), optimizer moments, tokens_since_fired and step are saved every save_every
-steps in the layout of sae_core.training_state, so `resume` continues bit for bit (same device and thread count),
-at any world size and on either backend.
-
-Distributed (a `Comms` with world > 1): data parallel by default: every rank walks the same global batch order and
-takes its contiguous slice of each global batch (`ShardedSource`); the writer (rank 0) alone writes the checkpoint,
-in the 1-rank layout. With `distribute_modules` (torch) the coders are split over the ranks instead
-(`owners`), each trained on the full batches, and every owner writes its coders into one checkpoint.
+Design notes: docs/internals.md, section `sae_core/loop.py`.
 """
 from __future__ import annotations
 
@@ -520,7 +499,8 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
             else:
                 hookpoints = source.hookpoints
                 if source.transcode != cfg.sae.transcode:
-                    raise UserError(f"the activations are for {'a transcoder' if source.transcode else 'an autoencoder'}"
+                    kind = 'a transcoder' if source.transcode else 'an autoencoder'
+                    raise UserError(f"the activations are for {kind}"
                                     f" but the config says transcode={cfg.sae.transcode}")
             if run is None:
                 run = _choose_run_dir(comms, cfg.save_dir, cfg.run_name, cfg.model, hookpoints, bool(resume), overwrite)
@@ -540,8 +520,8 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
                 source.data_info["model_dtype"] = model_dtype  # checked and kept on resume, whichever runner resumes
             if saved is not None:
                 check_same_run(saved, source, hookpoints)
-            loop = make_loop(cfg, source, run, saved, backend=backend, progress=progress, stop_after_steps=stop_after_steps,
-                             plots=plots, comms=comms)
+            loop = make_loop(cfg, source, run, saved, backend=backend, progress=progress,
+                             stop_after_steps=stop_after_steps, plots=plots, comms=comms)
             if progress:
                 what = ", ".join(f"{n} (d_in={c.sae.d_in}, M={c.sae.num_latents}, k={cfg.sae.k}, lr={c.lr:.2e})"
                                  for n, c in loop.coders.items())
@@ -555,8 +535,9 @@ def train(cfg: TrainConfig, make_backend, make_loop, source=None, *, resume: boo
                 raise
             except Exception as e:
                 if backend.is_oom(e):
-                    raise UserError(f"out of memory at step {loop.step} ({type(e).__name__}): lower --batch_size, or "
-                                    f"keep it and split the work with --grad_acc_steps N (N batches per optimizer step) "
+                    raise UserError(f"out of memory at step {loop.step} ({type(e).__name__}): lower --batch_size, "
+                                    f"or keep it and split the work with --grad_acc_steps N "
+                                    f"(N batches per optimizer step) "
                                     f"or --micro_acc_steps N (each batch in N chunks); the last checkpoint is intact"
                                     ) from None
                 raise

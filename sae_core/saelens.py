@@ -1,59 +1,9 @@
 """SAELens's on-disk format, read and written with NumPy only (no torch, no sae_lens import).
 
-Checked against the source of sae-lens 6.54.12 (the newest on PyPI when this was written: `sae_lens/saes/sae.py`,
-`saes/topk_sae.py`, `saes/transcoder.py`, `loading/pretrained_sae_loaders.py`), and by loading our output in that
-package (tests/test_convert.py, when sae_lens is importable or SAE_LENS_PYTHON names a Python that has it).
-
-A SAELens folder holds `cfg.json` and `sae_weights.safetensors`. Tensors (row-major, `x @ W`):
-
-    W_enc [d_in, d_sae]   b_enc [d_sae]   W_dec [d_sae, d_out]   b_dec [d_out]   W_skip [d_out, d_in] (skip only)
-
-`cfg.json` (what `SAEConfig.to_dict()` writes since 6.0): `architecture`, `d_in`, `d_sae`, `dtype` ("float32",
-"bfloat16", ...; SAELens casts every tensor to it on load), `device`, `apply_b_dec_to_input`,
-`normalize_activations` ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm",
-"covariance_whitening"), `reshape_activations` ("none" or "hook_z"), `metadata` (model_name, hook_name,
-sae_lens_version, ... and any extra key), plus per architecture: `k` and `rescale_acts_by_decoder_norm` for "topk",
-`d_out` for transcoders. Before 6.0 the fields were flat (`hook_point`, `activation_fn_str`/`activation_fn`,
-`activation_fn_kwargs: {"k": ...}`, a boolean `normalize_activations`, no `sae_lens_version` in `metadata`); SAELens
-maps those with `handle_pre_6_0_config`, and so does `read_saelens` here.
-
-SAELens's forward (inference classes):
-
-    topk:        pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc
-                 if rescale_acts_by_decoder_norm: pre = pre * ||W_dec row||
-                 acts = relu(topk(pre, k)) (zeros elsewhere)
-                 out = (acts / ||W_dec row|| if rescale else acts) @ W_dec + b_dec
-    transcoder:  pre = x @ W_enc + b_enc (never subtracts b_dec: apply_b_dec_to_input must be false), acts = relu(pre)
-                 (every positive latent fires: a ReLU transcoder), out = acts @ W_dec + b_dec (+ x @ W_skip.T for
-                 "skip_transcoder")
-
-How ours maps (SPEC section 1/2):
-- autoencoder <-> "topk" with apply_b_dec_to_input true: W_enc = encoder.weight.T, the rest as is (bit-exact).
-- From "topk": rescale_acts_by_decoder_norm is folded first (W_enc columns and b_enc times ||W_dec row||, W_dec rows
-  divided by it: the same function); apply_b_dec_to_input false is folded into b_enc (b_enc + b_dec @ W_enc).
-- transcoder: sae-lens 6.54.12 has NO TopK transcoder. Its "transcoder"/"skip_transcoder" apply a plain ReLU to all
-  latents, so writing a TopK transcoder under those names would make SAELens compute a different function without any
-  error. We write the architectures "topk_transcoder" / "topk_skip_transcoder" instead (the Transcoder layout plus
-  `k`); plain SAELens refuses them loudly (unknown architecture) until `register_with_sae_lens()` (below, imports torch
-  and sae_lens lazily) registers the two TopK transcoder classes. Reading SAELens's own ReLU transcoders is refused.
-- Refused, with a message that names the reason: groupmax (no SAELens counterpart), skip_connection on an
-  autoencoder, and from SAELens every architecture but topk / topk_transcoder / topk_skip_transcoder (standard ReLU,
-  jumprelu thresholds, gated, abstopk, ReLU transcoders, ...), normalize_activations other than "none" (the function
-  depends on an unfolded statistic or a per-token normalisation), a non-trivial finetuning `scaling_factor`.
-- Hook names (`transformer_lens_hooks`, `sparsify_hookpoint`): the export writes `metadata.hook_name` (and, for
-  transcoders, `hook_name_out`) in TransformerLens's vocabulary, which SAELens tools use to attach a coder:
-  layers.N -> blocks.N.hook_resid_post, layers.N.mlp -> blocks.N.hook_mlp_out, layers.N.self_attn ->
-  blocks.N.hook_attn_out; transcoders layers.N.mlp: blocks.N.ln2.hook_normalized -> blocks.N.hook_mlp_out (GPT-2's
-  h.N and Pythia's attention names too), with `model_name`, `model_class_name`, `context_size`, `dataset_path` from
-  the run; or (`hook_names="hf"`) the HF module paths of SAELens's AutoModelForCausalLM wrapper, exact for
-  transcoders too. Import maps both back (a run folder of SAELens coders becomes folders named by sparsify hookpoint).
-  SAELens's own sparsify importer (get_sparsify_config_from_disk, read in sae-lens 6.18.0) maps every folder matching
-  `layers[._]N` to blocks.N.hook_resid_post (layers.N.mlp included), sets dtype "bfloat16" whatever is stored,
-  ignores transcode/d_out and W_skip, sets apply_b_dec_to_input = not normalize_decoder (sparsify always subtracts
-  b_dec from an autoencoder's input), and transposes W_dec.
-- What the other side cannot hold travels as metadata: our config in SAELens `metadata["sparsify"]`, SAELens's
-  metadata/architecture in an extra `saelens` key of our cfg.json (extra keys are ignored by sparsify and by us), so
-  ours -> SAELens -> ours restores the config exactly (multi_topk, normalize_decoder, expansion_factor included).
+Converts our coders to SAELens folders and back (bit-exact for TopK autoencoders; TopK transcoders under their own
+architecture names), refuses what SAELens cannot express, and maps hook names between the two vocabularies.
+Checked against sae-lens 6.54.12; the format, forward pass and every mapping are in docs/convert.md
+("The SAELens format, in detail").
 """
 from __future__ import annotations
 
@@ -83,7 +33,8 @@ REFUSED = {
     "standard": "a ReLU SAE (every latent with a positive pre-activation fires, no k); ours are TopK only",
     "jumprelu": "a JumpReLU SAE (per-latent thresholds); ours are TopK and have no thresholds",
     "gated": "a gated SAE (separate gate and magnitude paths); ours are TopK only",
-    "abstopk": "an AbsTopK SAE (selects by |pre-activation| and keeps negative values); ours select by value after ReLU",
+    "abstopk": ("an AbsTopK SAE (selects by |pre-activation| and keeps negative values); "
+                "ours select by value after ReLU"),
     "batchtopk": "a BatchTopK SAE (selection across the batch; SAELens saves it for inference as 'jumprelu')",
     "matryoshka_batchtopk": "a Matryoshka BatchTopK SAE (selection across the batch)",
     "transcoder": ("SAELens's ReLU transcoder (every latent with a positive pre-activation fires, no k); ours are "
@@ -410,8 +361,9 @@ _TL_HOOK = re.compile(r"blocks\.(?P<n>\d+)\.(?P<hook>hook_resid_post|hook_resid_
 
 def sparsify_hookpoint(metadata: dict, transcoder: bool) -> str | None:
     """The reverse of `transformer_lens_hooks` and `hf_module_hooks`: the sparsify hookpoint (the HF module path,
-    named as the model family in `model_name` names its modules) of a SAELens coder's metadata; None where there is none (a head index, an
-    unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"]) comes back as it was."""
+    named as the model family in `model_name` names its modules) of a SAELens coder's metadata; None where there
+    is none (a head index, an unknown hook). A hookpoint that we wrote ourselves (metadata["sparsify_hookpoint"])
+    comes back as it was."""
     saved = metadata.get("sparsify_hookpoint")
     if isinstance(saved, str) and saved:
         return saved

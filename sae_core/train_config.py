@@ -24,8 +24,9 @@ SPARSIFY_STEP_TOKENS = 32 * 2048  # sparsify's default batch: 32 sequences of 20
 
 def default_layer(num_layers: int) -> int:
     """The layer whose output (residual stream) is trained when no hookpoint is given: about a quarter of the way
-    in, (num_layers + 1) // 4 (layers.7 of SmolLM2's 30, layers.3 of GPT-2's 12). Cheap to reach on a CPU (the forward stops there), and before the middle layers,
-    where a few tokens carry massive activations (SmolLM2 layers.15: 8 of 100k tokens hold 30% of the variance)."""
+    in, (num_layers + 1) // 4 (layers.7 of SmolLM2's 30, layers.3 of GPT-2's 12). Cheap to reach on a CPU (the
+    forward stops there), and before the middle layers, where a few tokens carry massive activations (SmolLM2
+    layers.15: 8 of 100k tokens hold 30% of the variance)."""
     return (num_layers + 1) // 4
 
 

@@ -1,69 +1,9 @@
 """The run folder and the training-state layout, defined once for both backends (safetensors + JSON, no pickle).
 
-A run folder, e.g. `runs/smollm2-layers.15/`:
-
-    layers.15/                  one folder per coder, sparsify's layout (SparseCoder.load_from_disk reads it)
-        cfg.json                  the coder's config + d_in (sparsify's)
-        sae.safetensors           encoder.weight, encoder.bias, W_dec, b_dec[, W_skip] (sparsify's)
-        state.safetensors         this coder's training state, tensors below
-    state.json                  run-level training state, keys below
-    best/layers.15/{cfg.json, sae.safetensors}   with keep_best: the lowest-FVU checkpoint per coder
-    metrics.jsonl               one JSON object per logged step (sae_core.metrics)
-    plots/*.png                 loss curves, latent firing-frequency histograms (written at the end)
-
-With several init_seeds a coder is named `<hookpoint>/seed<n>` and its folder nests accordingly.
-
-`state.safetensors` (per coder; all float tensors float32, counters int64):
-    tokens_since_fired            [M] int64   tokens since each latent last fired (activation > 0)
-    fire_count                    [M] int64   tokens on which each latent fired since the run started
-    optimizer.<param>.<slot>      [shape of <param>] float32, <param> one of encoder.weight, encoder.bias, W_dec,
-                                  b_dec, W_skip; slots (OPTIMIZER_SLOTS):
-                                    signum (schedule-free): `z` (the sign-SGD iterate), `y` (the train point: the
-                                      parameters where gradients are taken; sae.safetensors holds the eval point
-                                      x, the average of the z iterates, as sparsify saves it)
-                                    adam: `exp_avg`, `exp_avg_sq`
-    optimizer.<scalar>            [1], signum only (OPTIMIZER_SCALARS): `k` int64 (steps taken), `lr_max` float64
-                                  (largest lr so far), `weight_sum` float64 (sum of lr_max^2 over the steps): the
-                                  averaging weights of schedulefree's ScheduleFreeWrapper
-    metadata: format, version, optimizer, step (strings)
-Version 1 files hold signum state `momentum` of the plain sign-SGD with momentum that signum was before version 2;
-such a file is refused for signum (a different optimizer), its adam state still loads.
-
-`state.json` (run level):
-    format, version               "sae-twins/train-state", 2 (VERSION)
-    backend                       "torch" or "mlx": who wrote it (either may resume it)
-    step                          optimizer steps done (adam's bias correction uses t = step after increment)
-    batches                       data position: batches consumed from the activation source
-    tokens                        tokens trained on (after excluded tokens are dropped)
-    total_steps, warmup_steps     the schedule (lr of step s = TrainConfig.lr_at(s, lr[name], warmup_steps))
-    lr                            {coder: base learning rate}
-    coders                        {coder: {hookpoint, seed, d_in, d_out, num_latents}}
-    best_fvu                      {coder: lowest FVU saved to best/} (keep_best)
-    data                          {kind, fingerprint, num_chunks, tokens_per_batch}: checked on resume; a model
-                                  source adds read_tokens and model_dtype (the language model's resolved dtype,
-                                  which a resume keeps, whichever runner or device resumes)
-    rng                           {init_seeds, data_seed}: no randomness is drawn after initialisation, and the
-                                  data order is a function of (data_seed, batch number), so seeds are the RNG state
-    train_config                  TrainConfig.to_dict()
-    elapsed_s                     training wall time so far
-
-Atomic checkpoints. A save writes the whole checkpoint (coder folders + state.json, state.json last) into
-`<run>/.saving/`, renames that to `<run>/.ready/` (the commit point: from here on the new checkpoint is complete),
-then moves each item of `.ready/` into the run folder, replacing the old one, and removes `.ready/`. `recover()`,
-called before any read, deletes a leftover `.saving/` (an interrupted write: the previous checkpoint is intact)
-and finishes moving a leftover `.ready/` (roll forward). So a crash, Ctrl-C or SIGKILL at any instant leaves
-either the previous or the new checkpoint, complete. The same scheme keeps `best/` consistent.
-
-Untrusted run folders. A run folder may come from someone else (a download, a shared disk), so recovery touches
-only what our writer makes: `.saving/` and `.ready/` must be real folders (never symbolic links), `.ready/` may hold
-only `state.json` and coder folders, and nothing under them may be a link; anything else is refused with a
-CheckpointError before a single file is moved. Reading a run refuses any symbolic link inside the run folder
-(a linked coder folder, state.json or metrics.jsonl would make us read or append outside it).
-
-One writer at a time. `lock_run` takes an exclusive `flock` on the run folder itself (no lock file: the folder stays
-sparsify's layout; the kernel releases the lock when the process dies, so a killed run never blocks its
-resumption); a second process that wants to train in the same folder is refused with a clear message. Readers (`sae eval`) take no lock; they recover an interrupted save only
-when no writer holds the folder. In a distributed run rank 0 is the writer (the other ranks take no lock).
+It owns the run folder (coder folders, state.json, best/), the per-coder state.safetensors (firing counters,
+optimizer slots and scalars), atomic checkpoints through .saving/ and .ready/, recovery of an interrupted save,
+refusal of symbolic links in untrusted run folders, and the one-writer lock. Every key, the version history and
+the save protocol are in docs/SPEC.md, section 4.
 """
 from __future__ import annotations
 
@@ -183,7 +123,7 @@ def needs_recovery(target: Path) -> bool:
 def recover(target: Path) -> list[str]:
     """Finish or discard an interrupted save in `target` (a run folder or its best/); returns what was done.
 
-    Checks everything first (see the module docstring: untrusted run folders), then acts."""
+    Checks everything first (see docs/SPEC.md section 4: untrusted run folders), then acts."""
     done = []
     target = Path(target)
     saving, ready, best = target / SAVING, target / READY, target / BEST_DIR

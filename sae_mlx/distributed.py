@@ -4,21 +4,7 @@ MPI where present).
 Launch with mlx.launch (one process per Mac, or several on one machine). The ring backend needs IP addresses, not
 hostnames (`ipconfig getifaddr en0` on each Mac; a hostfile can also list `ssh` names with their `ips`):
 
-    mlx.launch --hosts 192.168.1.10,192.168.1.11 -- python -m sae_mlx train --hookpoints layers.6 ...
-    mlx.launch --backend jaccl --hostfile hosts.json -- python -m sae_mlx train ...   (Thunderbolt 5 RDMA)
-    mlx.launch --backend ring -n 2 --hosts 127.0.0.1 -- python -m sae_mlx train ...   (one machine)
-
-The loop and the scheme are sae_core.loop's (read it): every rank walks the global batch order and takes its
-contiguous slice of each global batch; its loss is weighted by TV_rank / TV_global; the gradients are summed with
-`mx.distributed.all_sum` (so their sum is the 1-rank gradient on the global batch); the firing statistics, the
-tokens of a step, the first batch's mean (b_dec) and the logged metrics are summed too. Rank 0 alone writes the
-checkpoint, in the 1-rank layout, so a run resumes at any world size and on either backend.
-`distribute_modules` is torch-only for now.
-
-A rank that dies: MLX's ring backend may wait for it forever, so every collective runs under a watchdog. If one
-has not returned after `SAE_DIST_TIMEOUT` seconds (default 600), the process prints which collective stalled and
-exits with status 1. Test hook: `SAE_DEBUG_DIE="<rank>:<step>[:hang]"` makes that rank exit(1) (or sleep) before
-that step.
+Design notes: docs/internals.md, section `sae_mlx/distributed.py`.
 """
 from __future__ import annotations
 

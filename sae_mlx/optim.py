@@ -1,18 +1,7 @@
 """The two optimizers, MLX side: the math and state names of `sae_torch/optim.py`, so that a run resumes on either
 backend. State is named as sae_core.training_state says (`optimizer.<param>.<slot>`, `optimizer.<scalar>`).
 
-Signum is sparsify's schedule-free sign-SGD (`ScheduleFreeWrapper(SignSGD(params), momentum=0.95)`), beta = 0.95:
-    (first step: z <- y)
-    x <- lerp(y, z, 1 - 1/beta);  z <- z - lr * sign(g);  lr_max <- max(lr_max, lr);  weight = lr_max^2;
-    weight_sum += weight;  x <- lerp(x, z, weight / weight_sum);  y <- lerp(x, z, 1 - beta);  k <- k + 1
-with the parameters holding y in train mode and x (the evaluation point) in eval mode; lerp is torch.lerp's formula
-(a + w * (b - a) when |w| < 0.5, else b - (b - a) * (1 - w)). Details in sae_torch/optim.py.
-
-Adam, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, t = optimizer steps including this one (1 on the first):
-    m <- beta1 * m + (1 - beta1) * g
-    v <- beta2 * v + (1 - beta2) * g * g
-    p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-
+Signum (schedule-free sign-SGD) and Adam: the math, operation by operation, is in docs/SPEC.md section 3.
 All state tensors are float32 whatever the parameter dtype; signum's scalars are Python floats (float64) on the
 host. Parameters without a gradient are skipped (state untouched).
 
@@ -116,7 +105,7 @@ def lerp(a: mx.array, b: mx.array, weight) -> mx.array:
 
 
 class Signum(Optimizer):
-    """Schedule-free sign-SGD (sparsify's signum); see the module docstring and sae_torch/optim.py."""
+    """Schedule-free sign-SGD (sparsify's signum); the math is in docs/SPEC.md section 3."""
     name = "signum"
 
     def __init__(self, module: nn.Module, momentum: float = 0.95, weight_lr_power: float = 2.0):

@@ -6,30 +6,7 @@ with `values=`), so the backward never touches a dense [N, M] array, and AuxK an
 through exactly the latents they select. When few latents are dead, eager AuxK runs as dense matmuls over the dead
 latents' rows only (`subset_decode`): the same loss and gradients.
 
-Differences forced by MLX (everything else is name for name the torch module):
-
-* The forward pass is `__call__` (mlx.nn style); `forward` is the same method under torch's name.
-* Gradients are a returned tree, not `.grad` attributes, so `remove_gradient_parallel_to_decoder_directions`
-  takes the gradient dict from `nn.value_and_grad` and returns it with `W_dec`'s entry projected.
-* AuxK under `mx.compile`. The number of dead latents sets a shape (k_aux), and `int(dead_mask.sum())` cannot be
-  read inside a compiled function. So the coder reads it when it can (eager calls, also under
-  `nn.value_and_grad`): then k_aux = min(d_out // 2, num_dead) slots, exactly as torch, and nothing at all when no
-  latent is dead. When it cannot (inside `mx.compile`), it uses a fixed-size AuxK with no host sync: it takes
-  min(d_out // 2, M) slots of `where(dead_mask, pre, -inf)` and zeroes the slots that landed on live latents
-  (there are some only when num_dead < d_out // 2; then every dead latent is among the slots). That is the same
-  set of latents, the same loss and the same gradients, so a compiled training step just passes `dead_mask`
-  (a bool [M] array, an input of the compiled function) and compiles once, whatever the number of dead latents.
-  The price: d_out // 2 aux slots per token even when few (or no) latents are dead; a trainer that knows no
-  latent is dead may pass `dead_mask=None` instead (a second compiled graph). A compiled step is written the
-  usual MLX way, `mx.compile(step, inputs=[model.state, opt.state], outputs=[model.state, opt.state])`; the
-  `outputs` are needed even for a step that only returns loss and grads, because `nn.value_and_grad` puts the
-  traced parameters into the module while tracing.
-* No `device` argument (MLX has unified memory); `dtype` is the third positional argument. `d_in`, `d_out`,
-  `num_latents` and `cfg` are read-only properties. Indices are int32 (`mx.argpartition` gives uint32).
-* The total variance is computed from y cast to fp32 first (torch subtracts a mean taken in the model dtype,
-  then casts); the same in fp32, a little more exact in bf16.
-* The dense pre-activation and the selection run over row chunks when N * M would reach 2**31 elements
-  (`_DENSE_LIMIT`), the int32 limit of MLX's element indexing.
+Design notes: docs/internals.md, section `sae_mlx/sparse_coder.py`.
 """
 from __future__ import annotations
 

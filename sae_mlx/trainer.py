@@ -42,12 +42,10 @@ def compile_mode(compiled: bool | str | None = None) -> str:
     projection and renormalisation), "all" (also each chunk's forward+backward). `compiled`: True = "all",
     False = "off", a mode name, or None = $SAE_MLX_COMPILE (0/1 or a mode name), else "off".
 
-    Measured on Linux x86-64 CPU (MLX 0.32.4, 2 busy cores; d_in 64-576, M 1k-8k, k 16-32, 256-1024 tokens):
-    the compiled forward+backward is no faster than the eager one, and up to 2.4x slower when a few latents are
-    dead (its fixed-size AuxK takes d_out // 2 slots where the eager one takes num_dead); the compiled update is
-    1.2x faster than the eager one for Adam but 2x slower for signum, and either way 1-2% of a step. So nothing is
-    compiled by default here. Every mode computes the same run (tests/test_train_mlx.py); on Apple silicon,
-    where fusing matters more, measure `SAE_MLX_COMPILE=update` and `=all`."""
+    Nothing is compiled by default: on the CPU compiling did not pay (the compiled forward+backward uses a
+    fixed-size AuxK; the update is 1-2% of a step); the figures are in bench/README.md, "MLX on Linux". Every mode
+    computes the same run (tests/test_train_mlx.py); on Apple silicon, where fusing matters more, measure
+    `SAE_MLX_COMPILE=update` and `=all`."""
     if compiled is None:
         compiled = os.environ.get("SAE_MLX_COMPILE", "") or "off"
     if compiled is True or compiled == "1":

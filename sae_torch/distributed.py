@@ -7,26 +7,7 @@ Launch with torchrun (NCCL on CUDA, gloo on CPU):
 
 The loop is sae_core.loop's (read it for the scheme); this module gives it a `TorchComms` (the process group).
 
-**Data parallel.** Every rank walks the same global batch order (sae_core.data) and takes its contiguous slice of
-each global batch (sequences for a language model, rows for an activation cache or arrays). Each rank's loss is
-weighted by TV_rank / TV_global (the global batch's total variance, from all-reduced sums), so that the all-reduced
-SUM of the ranks' gradients is the gradient of the 1-rank loss on the global batch -- the same renormalisation the
-trainer uses for micro_acc_steps chunks. No DDP wrapper: one explicit all-reduce of a flat gradient buffer per coder
-and optimizer step (the same effect; and gloo's exit abort with a live DDP wrapper does not arise). The firing
-statistics (which latents fired, fire counts, tokens of the step) are all-reduced before the dead-latent update, the
-first batch's b_dec initialisation uses the global mean, and the logged metrics are global. The checkpoint is the
-1-rank layout (sae_core.training_state), written by rank 0 only; the data position is the global batch number, so a
-run resumes at any world size (save at 2 ranks, resume at 1, or the reverse).
-
-**distribute_modules.** The coders (one per hookpoint and seed) are split over the ranks in contiguous groups of
-hookpoints (numpy.array_split, as sparsify); each rank trains its own coders on the full global batches exactly as a
-1-rank run would, with no communication during steps. A save writes one checkpoint: rank 0 opens the staging
-folder, each owner writes its coders into it, rank 0 writes state.json (all coders) and publishes it atomically.
-
-A rank that dies or raises makes the others fail at their next collective with an error naming the collective
-(gloo notices a closed connection at once; a silent hang is bounded by `SAE_DIST_TIMEOUT` seconds, default 600).
-Test hook: `SAE_DEBUG_DIE="<rank>:<step>[:hang]"` makes that rank exit(1) (or sleep) before that optimizer
-step.
+Design notes: docs/internals.md, section `sae_torch/distributed.py`.
 """
 from __future__ import annotations
 

@@ -1,30 +1,7 @@
 """The two optimizers, written out by hand so that the MLX twin implements the identical math and a run can
-resume on either backend. State is named as sae_core.training_state says (`optimizer.<param>.<slot>` tensors and
-`optimizer.<scalar>` [1] tensors).
-
-Signum is sparsify's: `ScheduleFreeWrapper(SignSGD(params), momentum=0.95)` from the `schedulefree` package
-(weight_lr_power 2, r 0, no weight decay), the same operations in the same order. The parameters hold y, the
-point where gradients are taken (train mode); z is the sign-SGD iterate; x, the average of the z iterates, is the
-evaluation point (eval mode). Per step, with beta = 0.95, lr the step's learning rate, g the gradient at y:
-    (first step: z <- y)
-    x <- lerp(y, z, 1 - 1/beta)               y -> x
-    z <- z - lr * sign(g)                     SignSGD on z (sign(0) = 0)
-    lr_max <- max(lr_max, lr);  weight = lr_max^2;  weight_sum += weight;  c = weight / weight_sum
-    x <- lerp(x, z, c)                        x is the lr_max^2-weighted average of the z iterates
-    y <- lerp(x, z, 1 - beta)                 back to the gradient point
-    k <- k + 1
-eval(): y -> x = lerp(y, z, 1 - 1/beta), keeping y aside; train(): back to that y, bit for bit (a save does not
-perturb the run), or, when the parameters were loaded as x without y, y = lerp(x, z, 1 - beta) as the wrapper does.
-lerp(a, b, w) is torch.lerp: a + w * (b - a) when |w| < 0.5, else b - (b - a) * (1 - w). The scalars are Python
-floats (float64), as the wrapper keeps them; the state tensors are float32.
-
-Adam, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, t = optimizer steps including this one (1 on the first):
-    m <- beta1 * m + (1 - beta1) * g
-    v <- beta2 * v + (1 - beta2) * g * g
-    p <- p - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
-`train()` / `eval()` are no-ops for Adam.
-
-Parameters without a gradient are skipped (state untouched).
+resume on either backend: signum (sparsify's schedule-free sign-SGD, the same operations in the same order) and
+Adam. The math, operation by operation, is in docs/SPEC.md section 3; the state names (`optimizer.<param>.<slot>`
+and `optimizer.<scalar>` [1] tensors) are in docs/SPEC.md section 4 (sae_core.training_state).
 """
 from __future__ import annotations
 
@@ -64,7 +41,7 @@ class Optimizer:
 
 
 class Signum(Optimizer):
-    """Schedule-free sign-SGD (sparsify's signum); see the module docstring."""
+    """Schedule-free sign-SGD (sparsify's signum); the math is in docs/SPEC.md section 3."""
     name = "signum"
 
     def __init__(self, params: dict[str, nn.Parameter], momentum: float = 0.95, weight_lr_power: float = 2.0):

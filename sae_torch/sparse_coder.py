@@ -58,12 +58,10 @@ class ForwardOutput(NamedTuple):
 
 class SparseCoder(nn.Module):
     # AuxK runs as dense GEMMs over the dead latents' rows (`subset_decode`) when there are at most this many
-    # times k_aux dead latents, else through the sparse kernels. Measured on CPU (2 cores, d_in 768, 4096 tokens,
-    # k_aux 384; AuxK forward + backward, sparse / dense time): 4.3x at 1 k_aux dead, 1.8x at 3.2, 1.5x at 8,
-    # 1.4x at 16, 1.07x at 32. Whole training steps (d768 M24576 k32, bench/README.md "AuxK path by dead
-    # fraction"): with 20-25% of latents dead (12.8-16 k_aux) the dense path was faster at 5 of 6 (N, dead) points,
-    # by up to 1.48x, so 16 (up to a quarter of M at expansion 32; the [N, #dead] activations then live into the
-    # backward) rather than the earlier 8. Past 16 the gain fades (1.07x at 32) while that matrix keeps growing.
+    # times k_aux dead latents, else through the sparse kernels: dense is faster up to about 16 k_aux dead, and past
+    # that the gain fades while the [N, #dead] activations (which live into the backward) keep growing. The
+    # measurements behind 16 (AuxK alone and whole training steps) are in bench/README.md, "CPU across configs"
+    # and "What changed in this session's kernels".
     # A second bound keeps memory in check: at most aux_dense_max_fraction of all latents dead (the [N, #dead]
     # activations that live into the backward stay within a quarter of the [N, M] pre-activations the forward
     # holds anyway). The parity fixtures' all-dead case keeps the sparse path covered. An instance may set either

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from sae_core.activation_cache import MANIFEST, ActivationCache, CacheWriter  # noqa: E402
 from sae_core.checkpoint import load_checkpoint_numpy, load_safetensors_numpy, save_safetensors_numpy  # noqa: E402
-from sae_core.errors import CheckpointError, UserError  # noqa: E402
+from sae_core.errors import UserError  # noqa: E402
 from sae_core.training_state import read_run_state  # noqa: E402
 
 D, M = 16, 64

@@ -111,7 +111,8 @@ def native_saelens(folder: Path, *, architecture="topk", d_in=23, d_sae=120, k=6
     else:
         cfg = {"d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": apply_b_dec,
                "normalize_activations": "none", "reshape_activations": "none",
-               "metadata": {"sae_lens_version": "6.54.12", "model_name": "gpt2", "hook_name": "blocks.3.hook_resid_post"},
+               "metadata": {"sae_lens_version": "6.54.12", "model_name": "gpt2",
+                            "hook_name": "blocks.3.hook_resid_post"},
                "k": k, "rescale_acts_by_decoder_norm": rescale, "architecture": architecture}
         if architecture != "topk":
             cfg["d_out"] = d_out

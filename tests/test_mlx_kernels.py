@@ -34,7 +34,8 @@ def to_f64(a) -> np.ndarray:
 
 def make_inputs(seed, n, k, m, d, wdt=F32, tdt=F32, idt=mx.int32, repeat_in_row=True):
     """weights [n,k] (wdt), indices [n,k] (idt; repeats across and, if asked, within rows; latents 0 and m - 1
-    always among them), table [m,d] and rows [n,d] (tdt). Values are cast to the MLX dtype here; the oracle reads them back from MLX."""
+    always among them), table [m,d] and rows [n,d] (tdt). Values are cast to the MLX dtype here; the oracle reads
+    them back from MLX."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, m, size=(n, k))
     if repeat_in_row and k > 1:

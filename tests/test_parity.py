@@ -160,7 +160,8 @@ def test_suite_compares_with_the_parameters_it_made(monkeypatch):
     """The oracle evaluates the fixture's parameters, not what a path read back: a swapping writer fails."""
     import parity.fixtures
 
-    monkeypatch.setattr(parity.fixtures, "save_checkpoint_numpy", _swapping_writer(parity.fixtures.save_checkpoint_numpy))
+    monkeypatch.setattr(parity.fixtures, "save_checkpoint_numpy",
+                        _swapping_writer(parity.fixtures.save_checkpoint_numpy))
     rows = run_suite(["torch-eager"], ("float32",), quick=True)
     failed = failing(rows)
     assert {"parameters as loaded (vs the fixture's)", "sae_out", "grad W_dec"} <= set(failed), failed

@@ -77,7 +77,8 @@ def test_smollm2_short_run_fvu_falls(tmp_path, smollm2_path):
 @pytest.mark.parametrize("optimizer", ["adam", "signum"])
 def test_resume_equals_uninterrupted_run_bitwise(tiny_cfg, tmp_path, optimizer):
     """Pause after 5 of 12 steps (between two saves), resume: every weight, optimizer moment and firing counter
-    is bitwise equal to the uninterrupted run's. Uses grad/micro accumulation, AuxK with live dead latents, and two hookpoints."""
+    is bitwise equal to the uninterrupted run's. Uses grad/micro accumulation, AuxK with live dead latents, and two
+    hookpoints."""
     opts = dict(optimizer=optimizer, grad_acc_steps=2, micro_acc_steps=2, dead_feature_threshold=64,
                 hookpoints=["layers.1", "layers.2"], save_every=4, max_tokens=32 * 4 * 2 * 12,
                 sae=SparseCoderConfig(k=8, expansion_factor=4, multi_topk=optimizer == "adam"))

@@ -4,11 +4,9 @@ Plumbing tests use a tiny random Llama (conftest.tiny_model_dir); the real-run t
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -415,7 +413,8 @@ def test_micro_acc_steps_do_not_change_the_gradient(tiny_cfg, tmp_path):
     x = np.random.default_rng(1).normal(size=(96, 16)).astype(np.float32) * 3 + 1
     batches = [{"h": x}] * 3
     train(tiny_cfg(run_name="one", max_tokens=None, optimizer="adam"), batches, progress=False, plots=False)
-    train(tiny_cfg(run_name="three", max_tokens=None, optimizer="adam", micro_acc_steps=3), batches, progress=False, plots=False)
+    train(tiny_cfg(run_name="three", max_tokens=None, optimizer="adam", micro_acc_steps=3), batches,
+          progress=False, plots=False)
     a, b = _weights(tmp_path / "runs" / "one", "h"), _weights(tmp_path / "runs" / "three", "h")
     for key in ("encoder.weight", "W_dec", "b_dec"):
         assert torch.allclose(a[key], b[key], atol=1e-5), key

@@ -1,5 +1,6 @@
 """Linux harness for the Metal kernels of sae_mlx: captures the source MLX generates, checks its signature,
-compiles it with g++ or clang++ behind ``shim.h`` and runs it on NumPy buffers. See :mod:`parity.metal_harness.harness`."""
+compiles it with g++ or clang++ behind ``shim.h`` and runs it on NumPy buffers.
+See :mod:`parity.metal_harness.harness`."""
 
 from .harness import (
     HarnessError,

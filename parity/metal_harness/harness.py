@@ -2,56 +2,7 @@
 
 Pipeline for one :class:`sae_mlx.kernels.sparse_rows.MetalLaunch` (the object the real ``*_metal`` call runs):
 
-1. **Capture.** A subprocess rebuilds the launch from :meth:`MetalLaunch.describe` (same kernel spec, same input
-   shapes and dtypes, same template args, grid, threadgroup, output shapes/dtypes and ``init_value``), calls it
-   through :meth:`MetalLaunch.run` with ``verbose=True`` under ``mx.export_function`` (the one place MLX builds a
-   ``metal_kernel`` call without a Metal device) and reads from its stdout the exact source MLX generates: header,
-   the signature it writes from the input/output names, dtypes, sizes and the attributes the body mentions, the
-   body, and the template instantiation. Sources are cached by a hash of the launch description and MLX version.
-2. **Signature check.** The generated source is parsed (template parameters, function name, every parameter with
-   its const-ness, address space, type, ``*``/``&``, name and ``[[buffer(i)]]`` / ``[[attribute]]``, the body,
-   the instantiation) and compared with what the harness expects from the launch: inputs in order, each followed
-   by ``<name>_shape`` / ``_strides`` / ``_ndim`` when the body mentions them, then the outputs, then the
-   attributes the body mentions, buffer indices consecutive, types from the dtypes, the body verbatim. Any
-   difference raises :class:`SignatureMismatch` naming the parameter, because the driver binds buffers by this
-   signature: if MLX changes how it writes signatures, the harness says so instead of feeding the wrong buffers.
-3. **Compile.** A generated C++ driver includes ``shim.h`` (address-space words defined away, ``uint3``,
-   ``half``, a ``bfloat16_t`` with round-to-nearest-even, ``metal::simd_sum``, ``metal::threadgroup_barrier``),
-   then the captured source verbatim, then a function that calls the kernel with the buffers and the attribute
-   values of one thread. ``g++`` or ``clang++`` (:func:`compiler`; ``-std=c++20 -O1 -Wno-attributes``) builds a
-   shared library from the source minus MLX's explicit instantiation line, cached by a hash of the
-   driver and the shim under ``$SAE_METAL_HARNESS_CACHE`` or ``<tmp>/sae-metal-harness-<uid>``, behind file locks
-   (safe for pytest-xdist workers).
-4. **Run.** Through ctypes, over the launch's grid with MLX's dispatch semantics (``dispatchThreads``: threadgroup
-   clamped to the grid, partial groups at the far edges, threads outside the grid never run). Threads of a group
-   run one after another, or, when the body uses barriers or ``simd_`` functions, as cooperative fibers (ucontext)
-   that switch at every barrier / SIMD operation, with SIMD groups of 32 consecutive threads. Every buffer (inputs
-   copied from MLX, the ``_shape``/``_strides``/``_ndim`` arrays, outputs) ends exactly at a ``PROT_NONE`` guard
-   page and has canary bytes and another guard page before it; outputs start as ``init_value`` or, with none, as
-   0xFF bytes. A fault is caught (SIGSEGV handler + siglongjmp) and reported, it does not kill the process.
-5. **Return** the outputs as NumPy arrays (bf16 as ``ml_dtypes.bfloat16``).
-
-What it checks: the kernel body's logic and indexing (compared by the caller with the pure-MLX reference), the
-signature MLX generates and how our launch binds to it, the grid/threadgroup arithmetic of the launch plan
-(partial groups included), reads or writes running past the end of any buffer (guard page: reported as a
-:class:`KernelFault` naming the buffer), writes before the start of a buffer (canary bytes, guard page), reads
-that reach the page before it (guard page), writes into inputs, output elements left unwritten (when there is no
-``init_value``), divergent barriers and SIMD operations (a barrier some threads of the group never reach, lanes
-of a SIMD group at different SIMD operations), and a threadgroup larger than 1024 threads.
-
-Usage::
-
-    from parity.metal_harness import run_launch
-    from sae_mlx.kernels.sparse_rows import plan_gather_dot, gather_dot_reference
-    (out,) = run_launch(plan_gather_dot(rows, table, indices))      # NumPy, what Metal would compute
-    ref = gather_dot_reference(rows, table, indices)
-
-What it cannot check: that Metal's compiler accepts the source (MSL is not C++: the kernels must stay in a
-conservative subset that means the same in both; ``shim.h`` supports only what our kernels use), data races and
-memory ordering (threads never truly run concurrently; non-cooperative threads run in a fixed order), Metal's
-floating-point details (fused multiply-add, ``simd_sum``'s reduction order, fast-math), the real
-``maxTotalThreadsPerThreadgroup`` of a pipeline, reads a little before the start of a buffer (inside its canary
-bytes), wild accesses that land in other mapped memory, infinite loops (the run would hang), and speed.
+Design notes: docs/internals.md, section `parity/metal_harness/harness.py`.
 """
 
 from __future__ import annotations

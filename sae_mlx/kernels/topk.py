@@ -5,27 +5,7 @@ Why a kernel: MLX 0.32 implements ``mx.argpartition`` on Metal as a full sort (`
 partition to sort for now"); at N=4096, M=24576 that sorts 100M values per selection, and a training step selects
 up to three times (TopK, AuxK, Multi-TopK). The kernel is a radix select that never sorts.
 
-* ``topk_indices_reference``: ``mx.argpartition`` (the path used so far, and wherever Metal is absent).
-* ``topk_indices_metal``: the Metal kernel below (``mx.fast.metal_kernel``), needs Apple-silicon Metal.
-* ``topk_indices``: the dispatcher. It takes the Metal kernel only when :func:`use_metal_topk` says so: Metal in
-  use (``sparse_rows.use_metal``) and ``SAE_MLX_TOPK=metal``. The default stays ``argpartition`` until a
-  measurement on a Mac (``python -m bench --mlx-variants default,topk=metal``) shows the kernel is faster.
-
-Kernel design (one SIMD group of 32 lanes per row; no threadgroup memory, no atomics)
-------------------------------------------------------------------------------------
-Each value maps to an unsigned key with the same order (``sae_order_key``: flip all bits of negatives, set the
-sign bit of positives; -0.0 counts as +0.0). The k-th largest key is found 4 bits at a time, most significant
-first: in each of 8 passes over the row every lane counts, per 4-bit digit, its entries that match the digits
-fixed so far (16 counters in registers), ``simd_sum`` totals the 16 counts, and the digit where the running count
-from the top reaches k is fixed. After the 8th pass ``prefix`` is the k-th largest key T and ``want`` the number
-of entries equal to T that belong to the top k. A last pass walks the row in blocks of 32 columns: entries with
-key > T are all written, entries equal to T while fewer than ``want`` have been written, each at the slot given by
-``simd_prefix_exclusive_sum`` of the block plus what earlier blocks wrote. So ties go to the lowest columns, the
-result is deterministic, and every output slot is written exactly once. Reads: 9 coalesced passes over the row.
-k comes in as a 0-d int32 input, so one compiled kernel serves every k (AuxK's k changes with the dead count).
-
-Differences from the reference: on ties the kernel takes the lowest columns, ``argpartition`` any of them (the
-selected values are the same multiset); NaN sorts above +inf in the kernel.
+Design notes: docs/internals.md, section `sae_mlx/kernels/topk.py`.
 """
 from __future__ import annotations
 

@@ -3,35 +3,7 @@
 Three primitives, each with a pure-torch reference (``*_reference``, the eager path on CPU, MPS or whenever
 ``SAE_EAGER`` is set) and a Triton version (``*_triton``), plus a dispatcher with the plain name:
 
-``gather_weighted_sum(weights[N,k], indices[N,k], table[M,d]) -> [N,d]``
-    ``out[n] = sum_j weights[n,j] * table[indices[n,j]]``  (decoder forward).
-``gather_dot(rows[N,d], table[M,d], indices[N,k]) -> [N,k]``
-    ``out[n,j] = <rows[n], table[indices[n,j]]>``  (decoder grad w.r.t. the activations; sparse encoder forward).
-``scatter_outer(weights[N,k], indices[N,k], rows[N,d], num_rows) -> [num_rows,d]``
-    ``out[m] = sum_{(n,j): indices[n,j]==m} weights[n,j] * rows[n]``  (decoder/encoder weight gradient).
-
-Common rules
-------------
-* Accumulation is always in fp32 (float64 inputs accumulate in float64).
-* Output dtype is ``torch.result_type`` of the two float inputs (``scatter_outer``: of ``weights`` and ``rows``).
-* ``indices`` may be int32 or int64, may repeat within a row and across rows; ``k`` may be 1; any ``d``.
-* Non-contiguous inputs are accepted: they are copied to contiguous memory first (``.contiguous()``).
-* Indices must lie in ``[0, M)`` (``[0, num_rows)`` for ``scatter_outer``). The references raise on out-of-range
-  indices (torch's own checks); the Triton kernels never read out of bounds but, to avoid a host sync, do not
-  check: an out-of-range entry contributes nothing (``gather_dot`` gives 0 for it).
-
-Dispatch: the plain-named functions use Triton when :func:`use_triton` says so (CUDA tensor, triton installed,
-``SAE_EAGER`` unset/empty/"0"), else the reference. The autograd functions (:func:`sparse_decode`,
-:func:`sparse_encode`) go through the dispatchers in forward and backward.
-
-Triton on CPU: with ``TRITON_INTERPRET=1`` the ``*_triton`` functions also run on CPU tensors, in triton's interpreter
-(slowly); ``SAE_TRITON_CPU=1`` on top makes the dispatchers choose them for CPU tensors. triton fixes
-interpreted-vs-compiled when a function is decorated, its own helpers (``tl.sum``...) at ``import triton``, so the
-variable must be set before triton is first imported in the process. This module imports triton lazily (importing it
-does not import triton) and wraps its kernels with ``triton.jit`` on first use, cached per interpreter state.
-Interpreter caveats: bf16 arithmetic there is wrong, so every loaded value is upcast to fp32 right after
-``tl.load`` (the fp32-accumulation rule anyway); its fp32 -> bf16 cast truncates where compiled Triton rounds to
-nearest even, so interpreted bf16 outputs can be one bf16 ulp off. The Triton path accumulates float64 inputs in fp32.
+Design notes: docs/internals.md, section `sae_torch/kernels/sparse_rows.py`.
 """
 
 from __future__ import annotations
@@ -302,12 +274,10 @@ def scatter_outer_reference(
 
     Per-latent reduction through aten's embedding_bag dense backward (``_embedding_bag_dense_backward``, mode sum
     with per-sample weights: it sorts the N*k indices and sums each latent's rows), in fp32 (float64 for float64
-    inputs). Measured on CPU (2 cores, d = 768, M = 24576, N = 4096; bench/README.md), it beat the sparse-matrix
-    products it replaced at the densities this function sees: top-k (k = 32 over all latents) 48-77 ms against
-    110 (CSR by token, S^T @ rows) and 130-175 (COO); k = 384 over 3072-12288 latents 433-452 ms against 534-1455
-    (COO). Only at ~1280 occurrences per latent (k = 384 over 1229 latents, where the coder uses `subset_decode`
-    instead) was COO faster, 252 against 316 ms. Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows, O(num_rows*d) for the output;
-    never an N*k*d or N*num_rows temporary.
+    inputs). Chosen because it beat the CSR/COO sparse-matrix products it replaced at the densities this function
+    sees (COO wins only where the coder takes `subset_decode` instead); the timings are in bench/README.md, "What
+    changed in this session's kernels". Memory: O(N*k) indices, O(N*d) for the fp32 copy of rows,
+    O(num_rows*d) for the output; never an N*k*d or N*num_rows temporary.
     """
     _validate_scatter(weights, indices, rows, num_rows)
     out_dtype = torch.result_type(weights, rows)

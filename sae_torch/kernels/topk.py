@@ -5,23 +5,7 @@ dead columns only. torch.topk is a multi-pass radix select: on an H200 ``topk(64
 pre-activations took 8.1 ms, more than the 5.9 ms GEMM that made them, and the ReLU before it another read and
 write of the whole tensor (1.0 ms). ``select_topk_triton`` reads the tensor once:
 
-1. tile pass (one kernel): each program loads a [BLOCK_N, TILE] tile (rows x columns), adds the bias and applies
-   ReLU in registers, packs every value with its column into one int64 key, and keeps the tile's top K_PAD keys
-   (``tl.topk``, a bitonic top-k); with a dead-column mask it also keeps the top KA_PAD keys among the tile's dead
-   columns, from the same load (the AuxK selection folded in).
-2. merge passes: the candidate keys of each row (cdiv(M, TILE) * K_PAD of them) are reduced the same way, tile by
-   tile, until K_PAD remain.
-3. decode (elementwise torch ops on [N, k]): value and column back from each key.
-
-Key: the float's bits as int32, with the 31 low bits flipped for negative values (so that signed integer order is
-float order), in the high 32 bits; ``0xFFFFFFFF - column`` in the low 32 bits, so equal values prefer the lower
-column. Padding and masked-out columns get INT64_MIN. The values come back exactly (an fp32 upcast of the input's
-dtype and back), so the gathered activations are the same numbers the torch path gathers. Ties may pick other
-columns than torch.topk (which leaves the choice unspecified); the set of values is the same.
-
-``select_topk_reference`` is the torch path (ReLU, torch.topk, the AuxK top-k over ``index_select``-ed dead
-columns) with the same signature; tests compare the two. Whether the Triton path is faster is for a GPU to say:
-``SparseCoder.selection_kernel`` chooses it ("torch" stays the default until a GPU measures otherwise).
+Design notes: docs/internals.md, section `sae_torch/kernels/topk.py`.
 """
 from __future__ import annotations
 
