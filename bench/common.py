@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sae_core.loop import total_loss
 
-AUXK_ALPHA = 1 / 32  # SPEC section 3 default (ours); sparsify's default is 0, so both are given this explicitly
+AUXK_ALPHA = 1 / 32  # docs/SPEC.md section 3 default (ours); sparsify's default is 0, so both are given this explicitly
 SIGNUM_MOMENTUM = 0.95
 
 
@@ -239,7 +239,7 @@ def import_sparsify(device: str):
 
 
 class Signum:
-    """sign-SGD with momentum (SPEC section 3's default optimizer), identical for every torch side:
+    """sign-SGD with momentum (docs/SPEC.md section 3's default optimizer), identical for every torch side:
     m = 0.95 m + 0.05 g; p -= lr * sign(m). (sparsify's trainer wraps its SignSGD in schedulefree's wrapper; the
     benchmark uses one optimizer for all sides so that only the coders differ.)"""
 

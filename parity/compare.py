@@ -1,4 +1,5 @@
-"""SPEC section 4 as code: tolerances, selection checks, and comparisons of a backend's outputs with the oracle."""
+"""docs/SPEC.md section 4 as code: tolerances, selection checks, and comparisons of a backend's outputs with the
+oracle."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +8,7 @@ import numpy as np
 
 from .oracle import OracleResult, selection_violation
 
-# (vectors and gradients: max|diff| / max|ref|, scalar losses: relative) per dtype, SPEC section 4 ceilings
+# (vectors and gradients: max|diff| / max|ref|, scalar losses: relative) per dtype, docs/SPEC.md section 4 ceilings
 TOLERANCES = {"float32": (1e-4, 1e-5), "bfloat16": (2e-2, 1e-2), "float16": (2e-2, 1e-2)}
 # Selection ties: a value may be out-ranked by at most this fraction of the row scale (rounding of the dtype)
 SELECTION_SLACK = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 2e-3}
@@ -39,7 +40,7 @@ def relative_scalar_error(got, ref) -> float:
 
 
 def index_sets_agree(pre, indices, ref_indices, slack: float) -> bool:
-    """The backend's chosen latents equal the oracle's own, except for zeros and near-ties (SPEC section 4).
+    """The backend's chosen latents equal the oracle's own, except for zeros and near-ties (docs/SPEC.md section 4).
 
     Both selections are ranked by the oracle's float64 pre-activation; rank by rank, the two indices must be equal
     or hold values within `slack` of each other (a tie, or both zero)."""

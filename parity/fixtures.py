@@ -1,4 +1,4 @@
-"""Seeded NumPy test data shared by every backend (SPEC section 4): parameters with b_dec != 0, inputs,
+"""Seeded NumPy test data shared by every backend (docs/SPEC.md section 4): parameters with b_dec != 0, inputs,
 targets, dead masks, and shapes that are not powers of two, for every config variant."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""A float64 NumPy oracle of SPEC section 2: forward pass, losses, and hand-written gradients of the total loss.
+"""A float64 NumPy oracle of docs/SPEC.md section 2: forward pass, losses, and hand-written gradients of the total loss.
 
 Everything a backend computes is compared with this. It can select latents itself or be evaluated on a backend's
-own selection (SPEC section 4), since near-ties may be broken differently by different top-k implementations.
+own selection (docs/SPEC.md section 4), since near-ties may be broken differently by different top-k implementations.
 The forward and the selection are `sae_core.reference` (the same code proves every `sae convert`); this module adds
 the losses and their gradients. Written for clarity on small test shapes (dense [N, M] arrays).
 """
@@ -77,7 +77,7 @@ def _gather_dot(rows, w, indices):
 def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=False, multi_topk=False,
              dead_mask=None, auxk_alpha=1 / 32, selection: Selection | None = None, grads=True,
              stopped_residual=None) -> OracleResult:
-    """Forward pass of SPEC section 2 in float64; with `grads`, the gradient of
+    """Forward pass of docs/SPEC.md section 2 in float64; with `grads`, the gradient of
     loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8 w.r.t. every parameter present in `params`.
 
     AuxK's target e is under stop_gradient, so its gradient is not the derivative of the loss value;

@@ -1,5 +1,5 @@
 """Training-step parity: a few optimizer steps of each backend's real training loop against a float64 NumPy
-reference of SPEC section 3's step, and the step's invariants checked directly after every step.
+reference of docs/SPEC.md section 3's step, and the step's invariants checked directly after every step.
 
 The cross-backend comparison of `parity.training` cannot see a bug made the same way in both trainers, and the
 forward suite never takes a step. Here each backend is compared with this module's float64 step instead:

@@ -1,4 +1,4 @@
-"""The parity suite: every computation path available here, checked against the float64 oracle (SPEC section 4)
+"""The parity suite: every computation path available here, checked against the float64 oracle (docs/SPEC.md section 4)
 and against each other on the same checkpoint files.
 
 Paths: torch-eager, torch-triton (compiled on CUDA, the Triton interpreter on CPU), mlx-fallback, mlx-metal

@@ -1,4 +1,4 @@
-"""Framework-free checkpoint I/O in sparsify's layout (SPEC section 1): validation, atomic writes, NumPy access.
+"""Framework-free checkpoint I/O in sparsify's layout (docs/SPEC.md section 1): validation, atomic writes, NumPy access.
 
 A checkpoint is a folder holding `cfg.json` and `sae.safetensors`. Both backends validate through
 `validate_checkpoint` before they read tensors with their own safetensors loader, so every bad file gives the

@@ -1,4 +1,4 @@
-"""The sparse coder's configuration, with sparsify's field names and defaults (see SPEC section 1)."""
+"""The sparse coder's configuration, with sparsify's field names and defaults (see docs/SPEC.md section 1)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The TopK sparse coder (autoencoder or transcoder) of SPEC section 2, with sparsify's API and names, in MLX.
+"""The TopK sparse coder (autoencoder or transcoder) of docs/SPEC.md section 2, with sparsify's API and names, in MLX.
 
 The exact mirror of `sae_torch/sparse_coder.py`. The dense pre-activations are computed under `mx.stop_gradient`;
 they choose the latents and give the chosen values by a gather. Those values carry a sparse vjp (`sparse_encode`

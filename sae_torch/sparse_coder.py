@@ -1,4 +1,4 @@
-"""The TopK sparse coder (autoencoder or transcoder) of SPEC section 2, with sparsify's API and names.
+"""The TopK sparse coder (autoencoder or transcoder) of docs/SPEC.md section 2, with sparsify's API and names.
 
 The dense pre-activations are computed without autograd; they choose the latents and give the chosen values by a
 gather. Those values carry a sparse backward (`sparse_encode` with `values=`), so the backward never touches a dense

@@ -237,7 +237,8 @@ def test_loads_and_runs_in_sae_torch(tmp_path):
     assert_close(dense, feats, 1e-5)
     assert_close(res.sae_out.numpy(), out, 1e-5)
 
-    # bf16: compared as SPEC section 4 says, with the oracle on the bf16 weights and inputs and torch's own selection
+    # bf16: compared as docs/SPEC.md section 4 says, with the oracle on the bf16 weights and inputs and torch's own
+    # selection
     sae = SparseCoder.load_from_disk(tmp_path / "ours-bf16")
     assert sae.dtype == torch.bfloat16
     x16 = torch.from_numpy(x).to(torch.bfloat16)

@@ -67,7 +67,7 @@ def oracle_scatter(w, idx, rows, m):
 
 
 def assert_close(got, ref, out_dtype):
-    """SPEC section 4 ceilings, tighter for fp32: max|diff| <= tol * max|ref|."""
+    """docs/SPEC.md section 4 ceilings, tighter for fp32: max|diff| <= tol * max|ref|."""
     assert got.dtype == out_dtype, (got.dtype, out_dtype)
     g = to_f64(got)
     assert g.shape == ref.shape, (g.shape, ref.shape)

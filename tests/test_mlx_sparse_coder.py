@@ -1,4 +1,5 @@
-"""sae_mlx.SparseCoder against the float64 oracle (SPEC sections 2 and 4), on every config variant; compile == eager."""
+"""sae_mlx.SparseCoder against the float64 oracle (docs/SPEC.md sections 2 and 4), on every config variant;
+compile == eager."""
 from dataclasses import replace
 
 import numpy as np

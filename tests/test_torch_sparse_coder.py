@@ -1,4 +1,4 @@
-"""sae_torch.SparseCoder against the float64 oracle (SPEC sections 2 and 4), on every config variant."""
+"""sae_torch.SparseCoder against the float64 oracle (docs/SPEC.md sections 2 and 4), on every config variant."""
 import numpy as np
 import pytest
 import torch
