@@ -18,31 +18,19 @@ from sae_core.data import exclude_mask
 from sae_core.errors import UserError
 from sae_core.evaluation import CoderTotals, LossTotals, build_report, plan_evaluation, write_report
 
-from .activations import (_get, _set, base_model, capture, has_mlx_lm, load_model, resolve_device, resolve_dtype,
-                          to_numpy)
+from .activations import (_get, _Hook, _set, base_model, capture, has_mlx_lm, load_model, resolve_device,
+                          resolve_dtype, to_numpy)
 from .sparse_coder import SparseCoder
 
 
-class _Replace(nn.Module):
-    """Stands in for a module during a forward: returns replace_fn(input, output) in place of its output.
-    Attribute reads fall through to the wrapped module (mlx-lm's model loop reads e.g. `layer.use_sliding`)."""
-
-    def __init__(self, inner: nn.Module, replace_fn):
-        super().__init__()
-        self.inner = inner
-        self._replace_fn = replace_fn
-
-    def __getattr__(self, key):
-        inner = self.get("inner")
-        if key == "inner" or inner is None:
-            return super().__getattr__(key)
-        return getattr(inner, key)
+class _Replace(_Hook):
+    """Stands in for a module during a forward: returns replace_fn(input, output) in place of its output."""
 
     def __call__(self, *args, **kwargs):
         output = self["inner"](*args, **kwargs)
         out = output[0] if isinstance(output, tuple) else output
         inp = args[0] if args else next((v for v in kwargs.values() if isinstance(v, mx.array)), None)
-        new = self._replace_fn(inp, out)
+        new = self._record(inp, out)  # _Hook keeps the function as _record
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
