@@ -3,7 +3,10 @@ that uses SmolLM2's tokenizer (for tests that only need the plumbing), and a sma
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,33 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+
+
+def start_cli(args, env_extra=None) -> subprocess.Popen:
+    """Start the CLI; a thread collects its stderr lines into proc.lines."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.Popen([PYTHON, "-m", "sae_core.cli", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.lines = []
+
+    def collect():
+        for line in iter(proc.stderr.readline, ""):
+            proc.lines.append(line)
+    proc.reader = threading.Thread(target=collect, daemon=True)
+    proc.reader.start()
+    return proc
+
+
+def wait_for(proc, text: str, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(text in line for line in proc.lines):
+            return
+        if proc.poll() is not None and not proc.reader.is_alive():
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"never saw {text!r}; stderr:\n{''.join(proc.lines)}")
 
 
 def _has(module: str) -> bool:

@@ -17,13 +17,13 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import start_cli, wait_for  # noqa: E402
 from sae_core.activation_cache import MANIFEST, ActivationCache, CacheWriter
 from sae_core.checkpoint import STALE_AFTER_S, load_checkpoint_numpy, load_safetensors_numpy, save_safetensors_numpy
 from sae_core.errors import CheckpointError, UserError
@@ -80,33 +80,6 @@ def cli(args, *, cwd=REPO, env_extra=None, timeout=300, **kwargs) -> subprocess.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run([PYTHON, "-m", "sae_core.cli", *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **kwargs)
-
-
-def start_cli(args, env_extra=None) -> subprocess.Popen:
-    """Start the CLI; a thread collects its stderr lines into proc.lines."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.Popen([PYTHON, "-m", "sae_core.cli", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.lines = []
-
-    def collect():
-        for line in iter(proc.stderr.readline, ""):
-            proc.lines.append(line)
-    proc.reader = threading.Thread(target=collect, daemon=True)
-    proc.reader.start()
-    return proc
-
-
-def wait_for(proc, text: str, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(text in line for line in proc.lines):
-            return
-        if proc.poll() is not None and not proc.reader.is_alive():
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"never saw {text!r}; stderr:\n{''.join(proc.lines)}")
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import PYTHON, REPO  # noqa: E402
+from conftest import PYTHON, REPO, start_cli, wait_for  # noqa: E402
 from sae_core.config import SparseCoderConfig  # noqa: E402
 from sae_core.errors import UserError  # noqa: E402
 from sae_core.metrics import read_metrics  # noqa: E402
@@ -107,34 +106,6 @@ def test_resume_rejects_changed_settings(tiny_cfg):
 
 # ---- crash safety ----------------------------------------------------------------------------------------------
 
-def _start_cli(args, env_extra, tmp_path):
-    """Start `sae train ARGS`; a thread collects its stderr lines into proc.lines."""
-    env = {**os.environ, **env_extra}
-    proc = subprocess.Popen([PYTHON, "-m", "sae_core.cli", "train", *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.lines = []
-
-    def collect():
-        for line in iter(proc.stderr.readline, ""):
-            proc.lines.append(line)
-    proc.reader = threading.Thread(target=collect, daemon=True)
-    proc.reader.start()
-    return proc
-
-
-def _wait_for(proc, text: str, timeout: float = 180) -> None:
-    """Wait until `text` appears in the process's stderr."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if any(text in line for line in proc.lines):
-            return
-        if proc.poll() is not None and not proc.reader.is_alive():
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError(f"never saw {text!r}; stderr:\n{''.join(proc.lines)}")
-
-
 def _tiny_args(tiny_model_dir, tmp_path, run_name, steps=12, extra=()):
     return ["--model", tiny_model_dir, "--hookpoints", "layers.1", "--ctx_len", 32, "--batch_size", 4,
             "--max_tokens", 32 * 4 * steps, "--lr", "1e-3", "--k", 8, "--expansion_factor", 4,
@@ -147,9 +118,9 @@ def test_sigkill_inside_a_save_leaves_a_resumable_checkpoint(tiny_model_dir, tin
     """SIGKILL while the step-4 checkpoint is half written: the run folder loads as the complete step-2
     checkpoint, and resuming it reproduces the uninterrupted run bit for bit."""
     run = tmp_path / "runs" / "killed"
-    proc = _start_cli(_tiny_args(tiny_model_dir, tmp_path, "killed"), {"SAE_DEBUG_SAVE_DELAY": "4:60:write"},
-                      tmp_path)
-    _wait_for(proc, "debug: pausing")
+    proc = start_cli(["train", *_tiny_args(tiny_model_dir, tmp_path, "killed")],
+                     {"SAE_DEBUG_SAVE_DELAY": "4:60:write"})
+    wait_for(proc, "debug: pausing")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert (run / SAVING / "layers.1" / "sae.safetensors").exists()  # the interrupted write is visible
@@ -190,8 +161,8 @@ def test_a_save_cut_short_while_moving_into_place_rolls_forward(tiny_cfg, tmp_pa
 @pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly(tiny_model_dir, tmp_path):
     run = tmp_path / "runs" / "sigint"
-    proc = _start_cli(_tiny_args(tiny_model_dir, tmp_path, "sigint", steps=100000,
-                                 extra=["--save_every", 1000, "--no-plots"]), {}, tmp_path)
+    proc = start_cli(["train", *_tiny_args(tiny_model_dir, tmp_path, "sigint", steps=100000,
+                                           extra=["--save_every", 1000, "--no-plots"])])
     deadline = time.time() + 180
     while not (run / "metrics.jsonl").exists() or not (run / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None, "".join(proc.lines)
