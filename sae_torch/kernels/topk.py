@@ -98,21 +98,11 @@ def _topk_tiles_kernel(
     ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed int order == float order
     key = (ordered.to(tl.int64) << 32) + (0xFFFFFFFF - cols)[None, :]  # ties: the lower column wins
     key = tl.where(ok, key, -9223372036854775808)
-    if BITONIC:
-        out_cols = tile * K_PAD + tl.arange(0, K_PAD)
-        tl.store(keys_ptr + rows[:, None] * (n_tiles * K_PAD) + out_cols[None, :], tl.topk(key, K_PAD),
-                 mask=row_ok[:, None])
-    else:
-        _keep_top_by_max(key, keys_ptr + rows * (n_tiles * K_PAD) + tile * K_PAD, row_ok, K_PAD)
+    _store_top(key, keys_ptr, rows, row_ok, tile, n_tiles, K_PAD, BITONIC)
     if KA_PAD > 0:
         dead = tl.load(mask_ptr + cols, mask=col_ok, other=0) != 0
         aux_key = tl.where(dead[None, :], key, -9223372036854775808)
-        if BITONIC:
-            aux_cols = tile * KA_PAD + tl.arange(0, KA_PAD)
-            tl.store(aux_keys_ptr + rows[:, None] * (n_tiles * KA_PAD) + aux_cols[None, :],
-                     tl.topk(aux_key, KA_PAD), mask=row_ok[:, None])
-        else:
-            _keep_top_by_max(aux_key, aux_keys_ptr + rows * (n_tiles * KA_PAD) + tile * KA_PAD, row_ok, KA_PAD)
+        _store_top(aux_key, aux_keys_ptr, rows, row_ok, tile, n_tiles, KA_PAD, BITONIC)
 
 
 def _topk_merge_kernel(
@@ -132,24 +122,24 @@ def _topk_merge_kernel(
     row_ok = rows < N
     ok = row_ok[:, None] & (cols < C)[None, :]
     key = tl.load(keys_ptr + rows[:, None] * C + cols[None, :], mask=ok, other=-9223372036854775808)
+    _store_top(key, out_ptr, rows, row_ok, tile, n_tiles, K_PAD, BITONIC)
+
+
+def _store_top_body(key, out_ptr, rows, row_ok, slot, n_slots, K: tl.constexpr, BITONIC: tl.constexpr):
+    # The K largest keys of each row of `key` [BLOCK_N, TILE] to slots slot * K .. slot * K + K - 1 of that row's
+    # n_slots * K in out_ptr: tl.topk (BITONIC), or K rounds of a row max, largest first, each removing the key it
+    # found (keys are unique: they hold the column).
+    row_start = out_ptr + rows * (n_slots * K) + slot * K
     if BITONIC:
-        out_cols = tile * K_PAD + tl.arange(0, K_PAD)
-        tl.store(out_ptr + rows[:, None] * (n_tiles * K_PAD) + out_cols[None, :], tl.topk(key, K_PAD),
-                 mask=row_ok[:, None])
+        tl.store(row_start[:, None] + tl.arange(0, K)[None, :], tl.topk(key, K), mask=row_ok[:, None])
     else:
-        _keep_top_by_max(key, out_ptr + rows * (n_tiles * K_PAD) + tile * K_PAD, row_ok, K_PAD)
+        for j in range(K):
+            best = tl.max(key, axis=1)
+            tl.store(row_start + j, best, mask=row_ok)
+            key = tl.where(key == best[:, None], -9223372036854775808, key)
 
 
-def _keep_top_by_max_body(key, out_ptrs, row_ok, K: tl.constexpr):
-    # The K largest keys of each row of `key` [BLOCK_N, TILE], largest first, to out_ptrs[row] + 0..K-1: K rounds
-    # of a row max, each removing the key it found (keys are unique: they hold the column).
-    for j in range(K):
-        best = tl.max(key, axis=1)
-        tl.store(out_ptrs + j, best, mask=row_ok)
-        key = tl.where(key == best[:, None], -9223372036854775808, key)
-
-
-_keep_top_by_max = None  # triton.jit(_keep_top_by_max_body), bound by _kernels()
+_store_top = None  # triton.jit(_store_top_body), bound by _kernels()
 _KERNEL_CACHE: dict = {}
 
 
@@ -161,7 +151,7 @@ def _kernels():
     ks = _KERNEL_CACHE.get(interp)
     if ks is None:
         jit = _sr.triton.jit
-        globals()["_keep_top_by_max"] = jit(_keep_top_by_max_body)  # the kernels call it by this global name
+        globals()["_store_top"] = jit(_store_top_body)  # the kernels call it by this global name
         ks = _KERNEL_CACHE[interp] = (jit(_topk_tiles_kernel), jit(_topk_merge_kernel))
     return ks
 
