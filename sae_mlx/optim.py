@@ -108,9 +108,10 @@ class Signum(Optimizer):
     """Schedule-free sign-SGD (sparsify's signum); the math is in docs/SPEC.md section 3."""
     name = "signum"
 
-    def __init__(self, module: nn.Module, momentum: float = 0.95, weight_lr_power: float = 2.0):
+    def __init__(self, module: nn.Module, momentum: float = 0.95, weight_lr_power: float = 2.0,
+                 average_power: float = 2.0):
         super().__init__(module)
-        self.momentum, self.weight_lr_power = momentum, weight_lr_power
+        self.momentum, self.weight_lr_power, self.average_power = momentum, weight_lr_power, average_power
         self.k, self.lr_max, self.weight_sum = 0, 0.0, 0.0
         self.train_mode = True
         self._train_point: dict[str, mx.array] | None = None  # y, kept aside while in eval mode
@@ -125,7 +126,7 @@ class Signum(Optimizer):
                 self.state[p]["z"] = param.astype(mx.float32)
         lr = float(lr.item()) if isinstance(lr, mx.array) else float(lr)
         self.lr_max = max(lr, self.lr_max)
-        weight = self.lr_max ** self.weight_lr_power  # the wrapper's (k + 1)^r factor is 1: sparsify keeps r = 0
+        weight = (self.k + 1) ** self.average_power * self.lr_max ** self.weight_lr_power  # the wrapper's r
         self.weight_sum = self.weight_sum + weight
         self.k += 1
         return mx.array(weight / self.weight_sum, dtype=mx.float32)
@@ -215,8 +216,8 @@ class Adam(Optimizer):
         return param - (_f32(lr) * update).astype(param.dtype)
 
 
-def make_optimizer(name: str, module: nn.Module) -> Optimizer:
-    return {"signum": Signum, "adam": Adam}[name](module)
+def make_optimizer(name: str, module: nn.Module, average_power: float = 2.0) -> Optimizer:
+    return Signum(module, average_power=average_power) if name == "signum" else Adam(module)
 
 
 __all__ = ["Optimizer", "Signum", "Adam", "make_optimizer", "flat_grads"]

@@ -139,8 +139,8 @@ class MlxBackend:
     def load_coder(self, folder):
         return SparseCoder.load_from_disk(folder, dtype=mx.float32)
 
-    def make_optimizer(self, name, sae):
-        return make_optimizer(name, sae)
+    def make_optimizer(self, name, sae, average_power):
+        return make_optimizer(name, sae, average_power)
 
     def prepare(self, c: Coder, cfg: TrainConfig) -> None:
         mx.eval(c.sae.parameters(), c.opt.state)

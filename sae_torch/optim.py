@@ -44,9 +44,10 @@ class Signum(Optimizer):
     """Schedule-free sign-SGD (sparsify's signum); the math is in docs/SPEC.md section 3."""
     name = "signum"
 
-    def __init__(self, params: dict[str, nn.Parameter], momentum: float = 0.95, weight_lr_power: float = 2.0):
+    def __init__(self, params: dict[str, nn.Parameter], momentum: float = 0.95, weight_lr_power: float = 2.0,
+                 average_power: float = 2.0):
         super().__init__(params)
-        self.momentum, self.weight_lr_power = momentum, weight_lr_power
+        self.momentum, self.weight_lr_power, self.average_power = momentum, weight_lr_power, average_power
         self.k, self.lr_max, self.weight_sum = 0, 0.0, 0.0
         self.train_mode = True
         self._train_point: dict[str, Tensor] | None = None  # y, kept aside while in eval mode
@@ -65,7 +66,7 @@ class Signum(Optimizer):
         for p, param in stepped.items():
             self.state[(p, "z")].add_(param.grad.sign(), alpha=-lr)
         self.lr_max = max(lr, self.lr_max)
-        weight = self.lr_max ** self.weight_lr_power  # the wrapper's (k + 1)^r factor is 1: sparsify keeps r = 0
+        weight = (self.k + 1) ** self.average_power * self.lr_max ** self.weight_lr_power  # the wrapper's r
         self.weight_sum = self.weight_sum + weight
         ckp1 = weight / self.weight_sum
         for p, param in stepped.items():
@@ -141,9 +142,9 @@ class Adam(Optimizer):
             param.sub_((lr * update).to(param.dtype))
 
 
-def make_optimizer(name: str, module: nn.Module) -> Optimizer:
+def make_optimizer(name: str, module: nn.Module, average_power: float = 2.0) -> Optimizer:
     params = {n: p for n, p in module.named_parameters()}
-    return {"signum": Signum, "adam": Adam}[name](params)
+    return Signum(params, average_power=average_power) if name == "signum" else Adam(params)
 
 
 __all__ = ["Optimizer", "Signum", "Adam", "make_optimizer"]

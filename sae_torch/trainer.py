@@ -44,8 +44,8 @@ class TorchBackend:
     def load_coder(self, folder):
         return SparseCoder.load_from_disk(folder, self.device, dtype=torch.float32)
 
-    def make_optimizer(self, name, sae):
-        return make_optimizer(name, sae)
+    def make_optimizer(self, name, sae, average_power):
+        return make_optimizer(name, sae, average_power)
 
     def prepare(self, c: Coder, cfg: TrainConfig) -> None:
         pass

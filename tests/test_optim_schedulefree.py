@@ -39,14 +39,15 @@ def _lr(step: int) -> float:
     return 4e-3 * min(1.0, (step + 1) / 10) * (1.0 if step < 40 else 0.5)
 
 
-def test_steps_and_eval_point_equal_the_schedulefree_wrapper_bitwise():
+@pytest.mark.parametrize("r", [0.0, 2.0])
+def test_steps_and_eval_point_equal_the_schedulefree_wrapper_bitwise(r):
     """80 steps on an SAE's own loss (gradients depend on the parameters, so any difference would grow): the
     parameters (train point y) equal the wrapper's bit for bit after every step, and every 10 steps the evaluation
-    point (eval()) does too."""
+    point (eval()) does too. r = 0 is sparsify's uniform average, r = 2 our default (average_power)."""
     ours_sae, batches = _coder_and_data()
     ref_sae = copy.deepcopy(ours_sae)
-    ours = Signum(dict(ours_sae.named_parameters()))
-    ref = schedulefree.ScheduleFreeWrapper(sign_sgd.SignSGD(ref_sae.parameters(), lr=_lr(0)), momentum=0.95)
+    ours = Signum(dict(ours_sae.named_parameters()), average_power=r)
+    ref = schedulefree.ScheduleFreeWrapper(sign_sgd.SignSGD(ref_sae.parameters(), lr=_lr(0)), momentum=0.95, r=r)
     ref.train()
     dead = torch.zeros(ours_sae.num_latents, dtype=torch.bool)
     dead[::5] = True
@@ -77,7 +78,7 @@ def test_steps_and_eval_point_equal_the_schedulefree_wrapper_bitwise():
                 torch.testing.assert_close(q, y[name], rtol=0, atol=1e-6 * float(y[name].abs().max()))
                 q.data.copy_(y[name])  # continue both from the identical train point
     assert ours.k == 80 and ours.lr_max == 4e-3
-    assert ours.weight_sum == sum(max(_lr(s) for s in range(t + 1)) ** 2 for t in range(80))
+    assert ours.weight_sum == sum((t + 1) ** r * max(_lr(s) for s in range(t + 1)) ** 2 for t in range(80))
 
 
 def test_eval_before_any_step_is_a_no_op():

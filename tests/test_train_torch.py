@@ -340,15 +340,33 @@ def test_harvest_then_train_from_cache(tiny_cfg, tmp_path):
     assert read_run_state(tmp_path / "runs" / "c1")["data"]["kind"] == "cache"
 
 
+def test_a_checkpoint_from_before_average_power_resumes_with_sparsifys_uniform_average():
+    from sae_core.train_config import TrainConfig
+    from sae_core.training_state import merge_resume_config
+
+    old = TrainConfig().to_dict()
+    del old["average_power"]  # written before the setting existed: those runs averaged with r = 0
+    assert merge_resume_config({"train_config": old}, TrainConfig(), explicit=set()).average_power == 0.0
+    assert merge_resume_config({"train_config": old}, TrainConfig(), explicit={"max_tokens"}).average_power == 0.0
+    with pytest.raises(UserError, match="average_power: checkpoint has 0.0, asked for 2.0"):
+        merge_resume_config({"train_config": old}, TrainConfig(), explicit=None)
+    current = TrainConfig().to_dict()
+    assert merge_resume_config({"train_config": current}, TrainConfig(), explicit=set()).average_power == 2.0
+
+
 def test_lr_defaults_and_schedule():
     from sae_core.train_config import TrainConfig
 
     cfg = TrainConfig(batch_size=32, ctx_len=2048)  # sparsify's step: SPEC's values
     assert cfg.default_lr(2**14) == pytest.approx(5e-3)
     assert cfg.default_lr(4 * 2**14) == pytest.approx(2.5e-3)
-    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: scaled by (1/64)^(1/3) = 1/4
+    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: scaled by 1024 / 4096 = 1/4
     assert small.default_lr(2**14) == pytest.approx(1.25e-3)
     assert TrainConfig(batch_size=2, ctx_len=256, grad_acc_steps=2).default_lr(2**14) == pytest.approx(1.25e-3)
+    assert TrainConfig(batch_size=8, ctx_len=256).default_lr(2**14) == pytest.approx(2.5e-3)  # 2048: half
+    assert TrainConfig(batch_size=16, ctx_len=256).default_lr(2**14) == pytest.approx(5e-3)  # 4096 and up: 1
+    with pytest.raises(UserError, match="average_power"):
+        TrainConfig(average_power=-1).validate()
     adam = TrainConfig(optimizer="adam")
     assert adam.default_lr(2**14) == pytest.approx(2e-4)
     assert adam.warmup_steps(50_000) == 1000 and adam.warmup_steps(300) == 30 and cfg.warmup_steps(300) == 0
