@@ -77,6 +77,7 @@ def _add_field(group, name: str, annotation, default, help_text: str, dest: str)
     text = str(annotation)
     kwargs: dict = {"dest": dest, "default": argparse.SUPPRESS}
     shown = default if not isinstance(default, list) else " ".join(map(str, default)) or "none"
+    help_text = help_text.replace("%", "%%")  # argparse %-formats help; a docstring's "dead %" is text
     help_text = f"{help_text} [default: {shown}]" if help_text else f"[default: {shown}]"
     if annotation is bool or text in ("bool", "bool | None"):  # None: the default depends on other fields
         group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=help_text, **kwargs)

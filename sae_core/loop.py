@@ -145,8 +145,9 @@ class Loop:
             sae = backend.load_coder(self.shared_run / name) if saved else backend.new_coder(d_in, d_out, cfg.sae,
                                                                                              seed)
             m = sae.num_latents
-            self.coders[name] = Coder(name, hook, seed, sae, backend.make_optimizer(cfg.optimizer, sae, cfg.average_power),
-                                      cfg.lr or cfg.default_lr(m), backend.counters(m), backend.counters(m))
+            opt = backend.make_optimizer(cfg.optimizer, sae, cfg.average_power)
+            self.coders[name] = Coder(name, hook, seed, sae, opt, cfg.lr or cfg.default_lr(m), backend.counters(m),
+                                      backend.counters(m))
         self.total_steps = cfg.total_steps(source.tokens_per_batch, source.batches_per_epoch)
         self.warmup = cfg.warmup_steps(self.total_steps)
         if saved:

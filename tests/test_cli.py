@@ -27,8 +27,10 @@ def test_help_lists_commands_and_sparsify_flags():
     assert train.returncode == 0
     for flag in ("--batch_size", "--k", "--expansion_factor", "--hookpoints", "--layers", "--grad_acc_steps",
                  "--micro_acc_steps", "--lr", "--auxk_alpha", "--dead_feature_threshold", "--save_every",
-                 "--optimizer", "--run_name", "--resume", "--max_tokens", "--backend"):
+                 "--optimizer", "--run_name", "--resume", "--max_tokens", "--backend", "--average_power"):
         assert flag in train.stdout, flag
+    assert "'option_strings'" not in train.stdout  # a "%" in a field docstring is shown as text, not %-formatted
+    assert "dead %" in " ".join(train.stdout.split())
     assert run_cli("eval", "--help").returncode == 0
     assert run_cli("harvest", "--help").returncode == 0
     assert run_cli().returncode == 2  # no command: help, exit 2
