@@ -242,7 +242,7 @@ def run_training_parity(steps: int = 300, optimizer: str = "adam", *, seed: int 
         init = make_init(cfg.sae, d_in, seed)
         run_torch_training(cfg, batches, init, root / "torch")
         run_mlx_training(cfg, batches, init, root / "mlx", compiled)
-        lr = cfg.lr or cfg.default_lr(cfg.sae.num_latents_for(d_in))
+        lr = cfg.lr or cfg.default_lr(cfg.sae.num_latents_for(d_in), tokens)
         measured = compare_runs(root / "torch", root / "mlx", optimizer, lr)
         if optimizer == "signum":  # element for element, only before sign flips have added up
             short = replace(cfg, max_tokens=SHORT_STEPS * tokens)

@@ -146,8 +146,8 @@ class Loop:
                                                                                              seed)
             m = sae.num_latents
             opt = backend.make_optimizer(cfg.optimizer, sae, cfg.average_power)
-            self.coders[name] = Coder(name, hook, seed, sae, opt, cfg.lr or cfg.default_lr(m), backend.counters(m),
-                                      backend.counters(m))
+            lr = cfg.lr or cfg.default_lr(m, cfg.tokens_per_step(source.tokens_per_batch))
+            self.coders[name] = Coder(name, hook, seed, sae, opt, lr, backend.counters(m), backend.counters(m))
         self.total_steps = cfg.total_steps(source.tokens_per_batch, source.batches_per_epoch)
         self.warmup = cfg.warmup_steps(self.total_steps)
         if saved:

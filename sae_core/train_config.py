@@ -160,14 +160,14 @@ class TrainConfig:
 
     # ---- derived values (identical on both backends) ----
 
-    def default_lr(self, num_latents: int) -> float:
+    def default_lr(self, num_latents: int, tokens_per_step: int) -> float:
         """SPEC's defaults: signum 5e-3 / sqrt(M / 2^14), adam 2e-4 / sqrt(M / 2^14). Signum's is sparsify's; for
-        steps of T = batch_size * ctx_len * grad_acc_steps < 4096 tokens it is scaled by T / 4096. Measured with
-        schedule-free signum (bench/README.md, Quality): SmolLM2 layers.7 at T = 1024 wants a quarter of sparsify's
-        lr (M = 4608: FVU 0.12 against 0.31 at sparsify's), the synthetic data at T = 2048 half of it (d = 64 and
-        128, M = 1024: the best FVU at 0.01-0.014 against sparsify's 0.02)."""
+        optimizer steps of T < 4096 tokens (all ranks and accumulated batches together: what the source delivers,
+        times grad_acc_steps) it is scaled by T / 4096. Measured with schedule-free signum (bench/README.md,
+        Quality): SmolLM2 layers.7 at T = 1024 wants a quarter of sparsify's lr (M = 4608: FVU 0.12 against 0.31
+        at sparsify's), the synthetic data at T = 2048 half of it (d = 64 and 128, M = 1024: the best FVU at
+        0.01-0.014 against sparsify's 0.02)."""
         if self.optimizer == "signum":
-            tokens_per_step = self.batch_size * self.ctx_len * self.grad_acc_steps
             scale = min(1.0, tokens_per_step / FULL_LR_STEP_TOKENS)
             return 5e-3 / math.sqrt(num_latents / 2**14) * scale
         return 2e-4 / math.sqrt(num_latents / 2**14)

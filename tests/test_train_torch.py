@@ -357,18 +357,16 @@ def test_a_checkpoint_from_before_average_power_resumes_with_sparsifys_uniform_a
 def test_lr_defaults_and_schedule():
     from sae_core.train_config import TrainConfig
 
-    cfg = TrainConfig(batch_size=32, ctx_len=2048)  # sparsify's step: SPEC's values
-    assert cfg.default_lr(2**14) == pytest.approx(5e-3)
-    assert cfg.default_lr(4 * 2**14) == pytest.approx(2.5e-3)
-    small = TrainConfig(batch_size=4, ctx_len=256)  # 1024 tokens per step: scaled by 1024 / 4096 = 1/4
-    assert small.default_lr(2**14) == pytest.approx(1.25e-3)
-    assert TrainConfig(batch_size=2, ctx_len=256, grad_acc_steps=2).default_lr(2**14) == pytest.approx(1.25e-3)
-    assert TrainConfig(batch_size=8, ctx_len=256).default_lr(2**14) == pytest.approx(2.5e-3)  # 2048: half
-    assert TrainConfig(batch_size=16, ctx_len=256).default_lr(2**14) == pytest.approx(5e-3)  # 4096 and up: 1
+    cfg = TrainConfig()
+    assert cfg.default_lr(2**14, 65536) == pytest.approx(5e-3)  # sparsify's step: SPEC's values
+    assert cfg.default_lr(4 * 2**14, 65536) == pytest.approx(2.5e-3)
+    assert cfg.default_lr(2**14, 1024) == pytest.approx(1.25e-3)  # scaled by 1024 / 4096 = 1/4
+    assert cfg.default_lr(2**14, 2048) == pytest.approx(2.5e-3)  # half
+    assert cfg.default_lr(2**14, 4096) == pytest.approx(5e-3)  # 4096 and up: sparsify's
     with pytest.raises(UserError, match="average_power"):
         TrainConfig(average_power=-1).validate()
     adam = TrainConfig(optimizer="adam")
-    assert adam.default_lr(2**14) == pytest.approx(2e-4)
+    assert adam.default_lr(2**14, 1024) == adam.default_lr(2**14, 65536) == pytest.approx(2e-4)
     assert adam.warmup_steps(50_000) == 1000 and adam.warmup_steps(300) == 30 and cfg.warmup_steps(300) == 0
     assert TrainConfig(optimizer="adam", lr_warmup_steps=7).warmup_steps(300) == 7
     lrs = [adam.lr_at(s, 1.0, 10, 110) for s in range(110)]
@@ -395,6 +393,21 @@ def test_adam_matches_torch_adam():
         theirs.step()
     assert torch.allclose(q.detach(), ref.detach(), atol=1e-6)
     assert set(ours.state_tensors()) == {"optimizer.w.exp_avg", "optimizer.w.exp_avg_sq"}
+
+
+def test_default_signum_lr_follows_the_tokens_each_step_really_takes(tiny_cfg, tmp_path):
+    """Arrays (or a cache) set the step size, not batch_size * ctx_len: 2048-token arrays with grad_acc_steps 2 are
+    4096-token steps, which take sparsify's lr unscaled (the config's own 4 x 32 tokens would scale it by 1/32)."""
+    from sae_core.train_config import TrainConfig
+
+    x = np.random.default_rng(1).normal(size=(2048, 16)).astype(np.float32)
+    for acc, tokens in ((1, 2048), (2, 4096)):
+        name = f"acc{acc}"
+        train(tiny_cfg(run_name=name, lr=None, max_tokens=None, grad_acc_steps=acc, log_every=1), [{"h": x}] * 2,
+              progress=False, plots=False)
+        lrs = {r["lr"] for r in read_metrics(tmp_path / "runs" / name)}
+        assert len(lrs) == 1 and lrs.pop() == pytest.approx(TrainConfig().default_lr(64, tokens)), (acc, lrs)
+    assert TrainConfig().default_lr(64, 4096) == pytest.approx(5e-3 * 16)
 
 
 def test_micro_acc_steps_do_not_change_the_gradient(tiny_cfg, tmp_path):
