@@ -76,12 +76,14 @@ def _gather_dot(rows, w, indices):
 
 def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=False, multi_topk=False,
              dead_mask=None, auxk_alpha=1 / 32, selection: Selection | None = None, grads=True,
-             stopped_residual=None) -> OracleResult:
+             stopped_residual=None, auxk_raise_only=False) -> OracleResult:
     """Forward pass of docs/SPEC.md section 2 in float64; with `grads`, the gradient of
     loss = fvu + auxk_alpha * auxk_loss + multi_topk_fvu / 8 w.r.t. every parameter present in `params`.
 
     AuxK's target e is under stop_gradient, so its gradient is not the derivative of the loss value;
-    `stopped_residual` pins that target to a given array, which makes finite differences of `loss` comparable."""
+    `stopped_residual` pins that target to a given array, which makes finite differences of `loss` comparable.
+    `auxk_raise_only`: AuxK's gradient at its activations is clipped to min(g, 0) (SPEC section 2; then the
+    gradients are no longer the loss's derivative)."""
     p = {name: np.asarray(value, dtype=np.float64) for name, value in params.items()}
     x = np.asarray(x, dtype=np.float64)
     y = x if y is None else np.asarray(y, dtype=np.float64)
@@ -127,9 +129,10 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
     g = {name: np.zeros_like(value) for name, value in p.items()}
     d_pre = np.zeros_like(pre)
 
-    def backprop_decode(grad_out, acts, indices, with_bias_and_skip):
+    def backprop_decode(grad_out, acts, indices, with_bias_and_skip, raise_only=False):
         g["W_dec"] += _scatter_outer(acts, indices, grad_out, num_latents)
-        np.add.at(d_pre, (np.arange(len(pre))[:, None], indices), _gather_dot(grad_out, w_dec, indices))
+        d_acts = _gather_dot(grad_out, w_dec, indices)
+        np.add.at(d_pre, (np.arange(len(pre))[:, None], indices), np.minimum(d_acts, 0) if raise_only else d_acts)
         if with_bias_and_skip:
             g["b_dec"] += grad_out.sum(axis=0)
             if w_skip is not None:
@@ -140,7 +143,7 @@ def evaluate(params: dict, x, y=None, *, activation="topk", k=32, transcode=Fals
         backprop_decode(2 * (multi_out - y) / total_variance / 8, multi_acts, selection.multi_indices, True)
     if selection.aux_indices is not None:
         backprop_decode(auxk_alpha * scale * 2 * (e_hat - e) / total_variance, aux_acts, selection.aux_indices,
-                        False)
+                        False, auxk_raise_only)
 
     d_z = d_pre * (pre > 0)  # relu'(0) = 0: a selected zero passes nothing
     g["encoder.weight"] = d_z.T @ x_in

@@ -139,7 +139,8 @@ def reference_step(setup: StepSetup, step: int, before: StepState) -> tuple[Step
         params["b_dec"] = x.mean(axis=0)
     dead = before.tokens_since_fired >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
     res = evaluate(params, x, None, activation=sae.activation, k=sae.k, transcode=sae.transcode,
-                   multi_topk=sae.multi_topk, dead_mask=dead, auxk_alpha=cfg.auxk_alpha)
+                   multi_topk=sae.multi_topk, dead_mask=dead, auxk_alpha=cfg.auxk_alpha,
+                   auxk_raise_only=cfg.auxk_raise_only)
     grads = dict(res.grads)
     if setup.normalize:
         w = params["W_dec"]

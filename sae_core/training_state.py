@@ -476,8 +476,8 @@ class SigintFlag:
 
 def merge_resume_config(saved_state: dict, cfg: TrainConfig, explicit: set[str] | None) -> TrainConfig:
     """The config a resumed run continues with; refuses settings that would change the data order or state."""
-    # checkpoints written before `average_power` existed averaged as sparsify does (r = 0)
-    saved = TrainConfig.from_dict({"average_power": 0.0, **saved_state["train_config"]})
+    # checkpoints written before these settings existed trained as sparsify does: r = 0, AuxK's exact gradient
+    saved = TrainConfig.from_dict({"average_power": 0.0, "auxk_raise_only": False, **saved_state["train_config"]})
     if explicit is not None:  # the CLI: start from the checkpoint's config, apply the flags given explicitly
         merged = replace(saved, sae=replace(saved.sae))
         for key in explicit:

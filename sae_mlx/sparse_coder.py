@@ -25,7 +25,7 @@ from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, load_w
 from sae_core.config import SparseCoderConfig
 from sae_core.hub import coder_folders, hub_coder_folder
 
-from .kernels.row_subset import subset_decode
+from .kernels.row_subset import raise_only_grad, subset_decode
 from .kernels import sparse_rows
 from .kernels.sparse_rows import sparse_decode, sparse_encode
 from .kernels.topk import topk_indices
@@ -103,6 +103,9 @@ class SparseCoder(nn.Module):
     # aux_dense_max_fraction: also at most this fraction of all latents dead (as sae_torch).
     aux_dense_max_ratio: float = 16.0
     aux_dense_max_fraction: float = 0.25
+    # AuxK's gradient at the chosen dead latents' activations clipped to min(g, 0) (as sae_torch; off here, the
+    # trainer turns it on: TrainConfig.auxk_raise_only). An instance may set it.
+    auxk_raise_only: bool = False
 
     def __init__(self, d_in: int, cfg: SparseCoderConfig, *, dtype: mx.Dtype | None = None,
                  decoder: bool = True, d_out: int | None = None):
@@ -293,8 +296,8 @@ class SparseCoder(nn.Module):
         if fixed_aux:  # num_dead as an array; slots that landed on live latents count for nothing
             aux_indices, aux_values = _cat_pairs(aux)
             aux_csr = self._latent_csr(aux_indices)
-            aux_acts = mx.where(dead_mask[aux_indices], self.acts_at(x_in, bias, aux_indices, aux_values, aux_csr),
-                                0)
+            aux_acts = mx.where(dead_mask[aux_indices],
+                                self._aux_acts(x_in, bias, aux_indices, aux_values, aux_csr), 0)
             e_hat = sparse_decode(aux_acts, aux_indices, self.W_dec, csr=aux_csr)
             auxk_loss = self.auxk_loss(e, e_hat, dead_mask.sum(), total_variance)
         elif need_aux:
@@ -316,10 +319,14 @@ class SparseCoder(nn.Module):
         if (dead.size <= self.aux_dense_max_ratio * slots.shape[-1]
                 and dead.size <= self.aux_dense_max_fraction * self._num_latents):
             dense_acts = mx.put_along_axis(mx.zeros_like(dead_pre), slots, chosen, axis=-1)
-            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
+            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec, self.auxk_raise_only)
         indices = dead[slots]
         csr = self._latent_csr(indices)
-        return sparse_decode(self.acts_at(x_in, bias, indices, chosen, csr), indices, self.W_dec, csr=csr)
+        return sparse_decode(self._aux_acts(x_in, bias, indices, chosen, csr), indices, self.W_dec, csr=csr)
+
+    def _aux_acts(self, x_in: mx.array, bias: mx.array, indices: mx.array, chosen: mx.array, csr) -> mx.array:
+        acts = self.acts_at(x_in, bias, indices, chosen, csr)
+        return raise_only_grad(acts) if self.auxk_raise_only else acts
 
     def auxk_loss(self, e: mx.array, e_hat: mx.array, num_dead: int | mx.array, total_variance: mx.array) -> mx.array:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,

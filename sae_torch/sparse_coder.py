@@ -21,7 +21,7 @@ from sae_core.checkpoint import (WEIGHTS_FILE, atomic_path, check_finite, valida
 from sae_core.config import SparseCoderConfig
 from sae_core.hub import coder_folders, hub_coder_folder
 
-from .kernels.row_subset import subset_decode
+from .kernels.row_subset import raise_only_grad, subset_decode
 from .kernels.sparse_rows import sparse_decode, sparse_encode, use_triton
 from .kernels.topk import select_topk
 
@@ -68,6 +68,10 @@ class SparseCoder(nn.Module):
     # (0: always sparse).
     aux_dense_max_ratio: float = 16.0
     aux_dense_max_fraction: float = 0.25
+    # AuxK's gradient at the chosen dead latents' activations clipped to min(g, 0), so a descent step may raise
+    # them but never push them further below zero (docs/SPEC.md, section 2). Off here: the coder's gradients are
+    # the loss's; the trainer turns it on (TrainConfig.auxk_raise_only). An instance may set it.
+    auxk_raise_only: bool = False
     # How the forward selects the latents: "torch" (ReLU, torch.topk, the AuxK top-k over the gathered dead
     # columns) or the one-read Triton top-k of kernels/topk.py ("triton": k row-max rounds per tile;
     # "triton-bitonic": tl.topk per tile), which applies where the sparse kernels run Triton (CUDA; see
@@ -256,10 +260,10 @@ class SparseCoder(nn.Module):
             if self.aux_takes_dense_path(num_dead, k_aux):
                 slots = torch.searchsorted(dead, sel.aux_indices)  # dead is sorted: the AuxK slots among it
                 dense_acts = sel.aux_values.new_zeros(len(x_in), num_dead).scatter_(-1, slots, sel.aux_values)
-                e_hat = subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
+                e_hat = subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec,
+                                      self.auxk_raise_only)
             else:
-                e_hat = sparse_decode(self.acts_at(x_in, bias, sel.aux_indices, sel.aux_values), sel.aux_indices,
-                                      self.W_dec, self.scatter_kernel)
+                e_hat = self._aux_sparse_decode(x_in, bias, sel.aux_indices, sel.aux_values)
         return top_acts, indices, e_hat, multi
 
     def aux_takes_dense_path(self, num_dead: int, k_aux: int) -> bool:
@@ -275,9 +279,13 @@ class SparseCoder(nn.Module):
         chosen = dead_pre.gather(-1, slots)
         if self.aux_takes_dense_path(len(dead), slots.shape[-1]):
             dense_acts = dead_pre.zero_().scatter_(-1, slots, chosen)
-            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec)
-        indices = dead[slots]
-        return sparse_decode(self.acts_at(x_in, bias, indices, chosen), indices, self.W_dec, self.scatter_kernel)
+            return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec, self.auxk_raise_only)
+        return self._aux_sparse_decode(x_in, bias, dead[slots], chosen)
+
+    def _aux_sparse_decode(self, x_in: Tensor, bias: Tensor, indices: Tensor, chosen: Tensor) -> Tensor:
+        acts = self.acts_at(x_in, bias, indices, chosen)
+        return sparse_decode(raise_only_grad(acts) if self.auxk_raise_only else acts, indices, self.W_dec,
+                             self.scatter_kernel)
 
     def auxk_loss(self, e: Tensor, e_hat: Tensor, num_dead: int, total_variance: Tensor) -> Tensor:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,

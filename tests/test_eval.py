@@ -22,8 +22,9 @@ def test_smollm2_run_fvu_falls_and_eval_is_sane(tmp_path, smollm2_path):
     of loss recovered lies in (0, 1]."""
     from sae_core.train_config import TrainConfig
 
-    cfg = TrainConfig(hookpoints=["layers.3"], ctx_len=64, batch_size=4, max_tokens=64 * 4 * 40,
-                      save_dir=str(tmp_path), run_name="smol", log_every=5)
+    # 1,024-token steps, the CLI's: the default lr scales with the step's tokens (a quarter of this at 256)
+    cfg = TrainConfig(hookpoints=["layers.3"], ctx_len=64, batch_size=16, max_tokens=64 * 16 * 24,
+                      save_dir=str(tmp_path), run_name="smol", log_every=3)
     result = train(cfg, progress=False, plots=False)
     fvus = [r["fvu/layers.3"] for r in read_metrics(tmp_path / "smol")]
     assert len(fvus) == 8 and fvus[-1] < 0.7 * fvus[0] and fvus == sorted(fvus, reverse=True), fvus

@@ -326,8 +326,9 @@ def test_metal_dispatch_and_vjp_under_compile(monkeypatch):
 
 # ---- row_subset: AuxK over the dead rows with dense matmuls, against MLX's autograd ----
 
+@pytest.mark.parametrize("raise_only", [False, True], ids=["exact", "raise-only"])
 @pytest.mark.parametrize("dtype", [F32, mx.bfloat16], ids=["fp32", "bf16"])
-def test_subset_decode_matches_autograd_reference(dtype):
+def test_subset_decode_matches_autograd_reference(dtype, raise_only):
     from sae_mlx.kernels.row_subset import subset_decode, subset_decode_reference
 
     rng = np.random.default_rng(0)
@@ -348,8 +349,8 @@ def test_subset_decode_matches_autograd_reference(dtype):
 
     results = []
     for fn in (subset_decode, subset_decode_reference):
-        loss = lambda *p: (fn(acts_mx, subset_mx, *p).astype(mx.float32) * weights).sum()
-        out = fn(acts_mx, subset_mx, *params)
+        loss = lambda *p: (fn(acts_mx, subset_mx, *p, raise_only).astype(mx.float32) * weights).sum()
+        out = fn(acts_mx, subset_mx, *params, raise_only)
         grads = mx.grad(loss, argnums=(0, 1, 2, 3))(*params)
         results.append([out, *grads])
     tol = {F32: 1e-5, mx.bfloat16: 2e-2}[dtype]
@@ -360,6 +361,8 @@ def test_subset_decode_matches_autograd_reference(dtype):
     outside = np.setdiff1d(np.arange(m), subset)
     for grad in results[0][2:]:
         assert np.abs(to_f64(grad)[outside]).max() == 0
+    d_b_enc = to_f64(results[0][3])
+    assert ((d_b_enc <= 0).all() and (d_b_enc < 0).any()) if raise_only else (d_b_enc > 0).any()
 
 
 def test_subset_decode_rejects_mismatched_shapes():

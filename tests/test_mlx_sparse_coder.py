@@ -139,6 +139,33 @@ def test_auxk_gives_the_encoder_the_oracles_gradient():
     assert np.abs(got[~case.dead_mask]).max() == 0  # and only the dead latents' rows
 
 
+@pytest.mark.parametrize("path", ["sparse", "dense", "fixed-size"])
+def test_auxk_raise_only_gives_the_oracles_clipped_gradient(path, monkeypatch):
+    """As sae_torch's: with auxk_raise_only AuxK's gradient at its activations is min(g, 0) on every AuxK path
+    (the fixed-size one is what mx.compile runs)."""
+    case = make_case(dead="few", seed=6)
+    sae = {"sparse": SparseAuxK, "dense": DenseAuxK, "fixed-size": SparseCoder}[path](
+        case.d_in, case.cfg, d_out=case.d_out)
+    sae.load_weights([(n, mx.array(v)) for n, v in case.params.items()])
+    sae.auxk_raise_only = True
+    if path == "fixed-size":
+        monkeypatch.setattr(sc, "_count_dead", lambda dead_mask: None)
+    x, _, dead = case_inputs(case)
+    _, grads = nn.value_and_grad(sae, lambda m: m(x, dead_mask=dead).auxk_loss)(sae)
+    kw = dict(k=case.cfg.k, dead_mask=case.dead_mask)
+    clipped = evaluate(case.params, case.x, auxk_alpha=1.0, auxk_raise_only=True, **kw).grads
+    exact = evaluate(case.params, case.x, auxk_alpha=1.0, **kw).grads
+    without = evaluate(case.params, case.x, auxk_alpha=0.0, **kw).grads
+    got = {"encoder.weight": _mx_np(grads["encoder"]["weight"]), "encoder.bias": _mx_np(grads["encoder"]["bias"]),
+           "W_dec": _mx_np(grads["W_dec"])}
+    for name, grad in got.items():
+        expected, full = clipped[name] - without[name], exact[name] - without[name]
+        assert np.abs(grad - expected).max() <= 1e-4 * np.abs(expected).max(), name
+        clipping_changed_it = np.abs(expected - full).max() > 0.1 * np.abs(expected).max()
+        assert clipping_changed_it == name.startswith("encoder"), name
+    assert (got["encoder.bias"] <= 0).all() and (got["encoder.bias"] < 0).any()
+
+
 def test_zero_valued_selections_pass_no_gradient():
     # k larger than the number of positive pre-activations: some chosen slots hold 0
     mx.random.seed(0)

@@ -847,8 +847,9 @@ def _subset_inputs(dtype, seed=0, n=29, d_in=13, d_out=11, m=40, rows=9, per_tok
     return acts, subset, x, w_enc, b_enc, w_dec
 
 
+@pytest.mark.parametrize("raise_only", [False, True], ids=["exact", "raise-only"])
 @pytest.mark.parametrize("dtype", [torch.float64, F32, BF16], ids=["fp64", "fp32", "bf16"])
-def test_subset_decode_matches_autograd_reference(dtype):
+def test_subset_decode_matches_autograd_reference(dtype, raise_only):
     from sae_torch.kernels.row_subset import subset_decode, subset_decode_reference
 
     acts, subset, *params = _subset_inputs(dtype)
@@ -856,7 +857,7 @@ def test_subset_decode_matches_autograd_reference(dtype):
     results = []
     for fn in (subset_decode, subset_decode_reference):
         leaves = [p.clone().requires_grad_() for p in params]
-        out = fn(acts, subset, *leaves)
+        out = fn(acts, subset, *leaves, raise_only=raise_only)
         (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         results.append([out] + [p.grad for p in leaves])
     tol = {torch.float64: 1e-12, F32: 1e-5, BF16: 2e-2}[dtype]
@@ -869,6 +870,7 @@ def test_subset_decode_matches_autograd_reference(dtype):
     outside[subset] = False
     assert d_w_enc[outside].abs().max() == 0 and d_b_enc[outside].abs().max() == 0
     assert d_w_dec[outside].abs().max() == 0
+    assert ((d_b_enc <= 0).all() and (d_b_enc < 0).any()) if raise_only else (d_b_enc > 0).any()
 
 
 def test_subset_decode_gradcheck_float64():

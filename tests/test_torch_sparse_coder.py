@@ -111,6 +111,31 @@ def test_auxk_gives_the_encoder_the_oracles_gradient():
     assert np.abs(got[~case.dead_mask]).max() == 0  # and only the dead latents' rows
 
 
+@pytest.mark.parametrize("coder_cls", [SparseAuxK, DenseAuxK], ids=["sparse", "dense"])
+def test_auxk_raise_only_gives_the_oracles_clipped_gradient(coder_cls):
+    """With auxk_raise_only (the trainer's default) AuxK's gradient at its activations is min(g, 0): the encoder
+    gets the oracle's clipped gradient on both paths, a descent step can only raise the dead latents' biases, and
+    the decoder's AuxK gradient is the exact one."""
+    case = make_case(dead="few", seed=6)
+    sae = coder_cls(case.d_in, case.cfg, d_out=case.d_out)
+    sae.auxk_raise_only = True
+    sae.load_state_dict({n: torch.from_numpy(v) for n, v in case.params.items()})
+    num_dead = int(case.dead_mask.sum())
+    assert sae.aux_takes_dense_path(num_dead, min(case.d_out // 2, num_dead)) == (coder_cls is DenseAuxK)
+    sae(torch.from_numpy(case.x), dead_mask=torch.from_numpy(case.dead_mask)).auxk_loss.backward()
+    kw = dict(k=case.cfg.k, dead_mask=case.dead_mask)
+    clipped = evaluate(case.params, case.x, auxk_alpha=1.0, auxk_raise_only=True, **kw).grads
+    exact = evaluate(case.params, case.x, auxk_alpha=1.0, **kw).grads
+    without = evaluate(case.params, case.x, auxk_alpha=0.0, **kw).grads
+    got = {"encoder.weight": sae.encoder.weight.grad, "encoder.bias": sae.encoder.bias.grad, "W_dec": sae.W_dec.grad}
+    for name, grad in got.items():
+        expected, full = clipped[name] - without[name], exact[name] - without[name]
+        assert np.abs(grad.numpy() - expected).max() <= 1e-4 * np.abs(expected).max(), name
+        clipping_changed_it = np.abs(expected - full).max() > 0.1 * np.abs(expected).max()
+        assert clipping_changed_it == name.startswith("encoder"), name
+    assert (got["encoder.bias"] <= 0).all() and (got["encoder.bias"] < 0).any()
+
+
 def test_zero_valued_selections_pass_no_gradient():
     # k larger than the number of positive pre-activations: some chosen slots hold 0
     cfg = SparseCoderConfig(num_latents=40, k=30)

@@ -340,13 +340,14 @@ def test_harvest_then_train_from_cache(tiny_cfg, tmp_path):
     assert read_run_state(tmp_path / "runs" / "c1")["data"]["kind"] == "cache"
 
 
-def test_a_checkpoint_from_before_average_power_resumes_with_sparsifys_uniform_average():
+def test_a_checkpoint_from_before_average_power_and_auxk_raise_only_resumes_as_it_trained():
     from sae_core.train_config import TrainConfig
     from sae_core.training_state import merge_resume_config
 
     old = TrainConfig().to_dict()
-    del old["average_power"]  # written before the setting existed: those runs averaged with r = 0
-    assert merge_resume_config({"train_config": old}, TrainConfig(), explicit=set()).average_power == 0.0
+    del old["average_power"], old["auxk_raise_only"]  # written before the settings existed: r = 0, exact AuxK
+    resumed = merge_resume_config({"train_config": old}, TrainConfig(), explicit=set())
+    assert resumed.average_power == 0.0 and resumed.auxk_raise_only is False
     assert merge_resume_config({"train_config": old}, TrainConfig(), explicit={"max_tokens"}).average_power == 0.0
     with pytest.raises(UserError, match="average_power: checkpoint has 0.0, asked for 2.0"):
         merge_resume_config({"train_config": old}, TrainConfig(), explicit=None)
@@ -408,6 +409,25 @@ def test_default_signum_lr_follows_the_tokens_each_step_really_takes(tiny_cfg, t
         lrs = {r["lr"] for r in read_metrics(tmp_path / "runs" / name)}
         assert len(lrs) == 1 and lrs.pop() == pytest.approx(TrainConfig().default_lr(64, tokens)), (acc, lrs)
     assert TrainConfig().default_lr(64, 4096) == pytest.approx(5e-3 * 16)
+
+
+def test_default_dead_threshold_is_a_tenth_of_the_run_and_survives_a_longer_resume(tiny_cfg, tmp_path):
+    from sae_core.train_config import TrainConfig
+
+    assert TrainConfig().dead_threshold(300_000) == 30_000
+    assert TrainConfig().dead_threshold(10**9) == TrainConfig().dead_threshold(None) == 10_000_000
+    assert TrainConfig().dead_threshold(5) == 1 and TrainConfig(dead_feature_threshold=7).dead_threshold(10**6) == 7
+    x = np.random.default_rng(2).normal(size=(256, 16)).astype(np.float32)
+    batches = [{"h": x * (1 + i % 3)} for i in range(40)]
+    run = tmp_path / "runs" / "tenth"
+    sae = SparseCoderConfig(k=2, expansion_factor=16)  # 256 latents, 512 firings per batch: some go silent
+    train(tiny_cfg(run_name="tenth", sae=sae, max_tokens=256 * 20, log_every=1), batches, progress=False, plots=False)
+    assert read_run_state(run)["dead_threshold"] == 512
+    assert any(r["auxk/h"] > 0 for r in read_metrics(run))  # latents died within 512 tokens and AuxK trained them
+    train(tiny_cfg(run_name="tenth", sae=sae, max_tokens=256 * 40, log_every=1), batches, resume=True,
+          progress=False, plots=False)
+    state = read_run_state(run)
+    assert state["step"] == 40 and state["dead_threshold"] == 512  # not a tenth of the longer run
 
 
 def test_micro_acc_steps_do_not_change_the_gradient(tiny_cfg, tmp_path):
