@@ -21,6 +21,7 @@ OPTIMIZERS = ("signum", "adam")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 SPARSIFY_DEAD_THRESHOLD = 10_000_000  # tokens
 FULL_LR_STEP_TOKENS = 4096  # signum steps of at least this many tokens take sparsify's lr unscaled (measured)
+MIN_LR_SCALE = 1 / 4  # and steps of 1,024 tokens or fewer a quarter of it (measured at 256 and 1,024)
 
 
 def default_layer(num_layers: int) -> int:
@@ -77,9 +78,9 @@ class TrainConfig:
     """`signum` (sparsify's: schedule-free sign-SGD, momentum 0.95; the saved SAE is its averaged iterate) or
     `adam`."""
     lr: float | None = None
-    """Learning rate. Default: signum 5e-3 / sqrt(M / 2^14) * min(1, T / 4096) with T tokens per optimizer step
-    (all ranks and accumulated batches); adam 2e-4 / sqrt(M / 2^14) (sparsify's; signum's scaled down for steps
-    under 4,096 tokens, by measurement)."""
+    """Learning rate. Default: signum 5e-3 / sqrt(M / 2^14) * clip(T / 4096, 1/4, 1) with T tokens per optimizer
+    step (all ranks and accumulated batches); adam 2e-4 / sqrt(M / 2^14) (sparsify's; signum's scaled down for
+    steps under 4,096 tokens, by measurement)."""
     average_power: float = 2.0
     """Signum only: schedule-free's r. The saved SAE averages the iterates with weights (step + 1)^r * lr_max^2, so
     r > 0 forgets the early ones. sparsify keeps r = 0; r = 2 measured better FVU, dead % and recovered features in
@@ -170,14 +171,15 @@ class TrainConfig:
     # ---- derived values (identical on both backends) ----
 
     def default_lr(self, num_latents: int, tokens_per_step: int) -> float:
-        """SPEC's defaults: signum 5e-3 / sqrt(M / 2^14), adam 2e-4 / sqrt(M / 2^14). Signum's is sparsify's; for
-        optimizer steps of T < 4096 tokens (all ranks and accumulated batches together: what the source delivers,
-        times grad_acc_steps) it is scaled by T / 4096. Measured with schedule-free signum (bench/README.md,
-        Quality): SmolLM2 layers.7 at T = 1024 wants a quarter of sparsify's lr (M = 4608: FVU 0.12 against 0.31
-        at sparsify's), the synthetic data at T = 2048 half of it (d = 64 and 128, M = 1024: the best FVU at
-        0.01-0.014 against sparsify's 0.02)."""
+        """SPEC's defaults: signum 5e-3 / sqrt(M / 2^14), adam 2e-4 / sqrt(M / 2^14). Signum's is sparsify's for
+        optimizer steps of T >= 4096 tokens (all ranks and accumulated batches together: what the source delivers,
+        times grad_acc_steps); below, it is scaled by T / 4096, but by no less than 1/4. Measured with
+        schedule-free signum (bench/README.md, Quality): the synthetic data at T = 2048 wants half of sparsify's lr
+        (d = 32, 64, 128, M = 1024: the best FVU at 0.01-0.014 against sparsify's 0.02); SmolLM2 layers.7 (M =
+        4608) a quarter at T = 1024 (half: a little lower FVU but 4x the dead latents and a higher CE increase) and
+        at T = 256 too (a sixteenth and an eighth: higher FVU; a half: twice the FVU)."""
         if self.optimizer == "signum":
-            scale = min(1.0, tokens_per_step / FULL_LR_STEP_TOKENS)
+            scale = min(1.0, max(MIN_LR_SCALE, tokens_per_step / FULL_LR_STEP_TOKENS))
             return 5e-3 / math.sqrt(num_latents / 2**14) * scale
         return 2e-4 / math.sqrt(num_latents / 2**14)
 

@@ -362,6 +362,7 @@ def test_lr_defaults_and_schedule():
     assert cfg.default_lr(2**14, 65536) == pytest.approx(5e-3)  # sparsify's step: SPEC's values
     assert cfg.default_lr(4 * 2**14, 65536) == pytest.approx(2.5e-3)
     assert cfg.default_lr(2**14, 1024) == pytest.approx(1.25e-3)  # scaled by 1024 / 4096 = 1/4
+    assert cfg.default_lr(2**14, 256) == cfg.default_lr(2**14, 1) == pytest.approx(1.25e-3)  # and never by less
     assert cfg.default_lr(2**14, 2048) == pytest.approx(2.5e-3)  # half
     assert cfg.default_lr(2**14, 4096) == pytest.approx(5e-3)  # 4096 and up: sparsify's
     with pytest.raises(UserError, match="average_power"):
