@@ -397,8 +397,11 @@ def test_sigterm_saves_and_exits_like_ctrl_c(backend, cache, tmp_path):
 
 
 HARVEST_THEN_HANG = """
-import sys, time, numpy as np
+import signal, sys, time, numpy as np
 from sae_core.activation_cache import CacheWriter
+# what a terminal's Ctrl-C meets; a background launcher (a shell's `cmd &`) may have handed us SIGINT ignored,
+# and then the SIGINT below would never arrive (seen once in a CI run started that way)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 writer = CacheWriter(sys.argv[1], {"layers.7": (16, 16)}, False, shard_tokens=100, overwrite=True)
 for i in range(5):
     writer.add(np.arange(100), {"layers.7": (np.full((100, 16), 7.0, np.float32), None)})
