@@ -24,10 +24,16 @@ class Case:
     x: np.ndarray
     y: np.ndarray | None  # None for an autoencoder (the target is x)
     dead_mask: np.ndarray | None
+    auxk_raise_only: bool = False  # the coders run with raise-only AuxK (the trainer's default), the oracle too
 
     @property
     def num_latents(self) -> int:
         return self.cfg.num_latents_for(self.d_in)
+
+    def oracle_kwargs(self) -> dict:
+        """What `parity.oracle.evaluate` needs to know about this case besides the arrays."""
+        return dict(activation=self.cfg.activation, k=self.cfg.k, transcode=self.cfg.transcode,
+                    multi_topk=self.cfg.multi_topk, dead_mask=self.dead_mask, auxk_raise_only=self.auxk_raise_only)
 
     def rounded_to(self, dtype: str) -> "Case":
         """The parameters and inputs as a backend of this dtype sees them (the oracle must see the same numbers):
@@ -73,7 +79,7 @@ def make_dead_mask(kind: str, num_latents: int, d_out: int, rng: np.random.Gener
 
 
 def make_case(*, activation="topk", transcode=False, skip_connection=False, multi_topk=False, dead="few",
-              n=37, d_in=23, d_out=None, num_latents=120, k=6, seed=0) -> Case:
+              n=37, d_in=23, d_out=None, num_latents=120, k=6, seed=0, auxk_raise_only=False) -> Case:
     rng = np.random.default_rng(seed)
     d_out = (19 if transcode else d_in) if d_out is None else d_out
     cfg = SparseCoderConfig(activation=activation, num_latents=num_latents, k=k, multi_topk=multi_topk,
@@ -89,18 +95,22 @@ def make_case(*, activation="topk", transcode=False, skip_connection=False, mult
     name = "-".join(
         [activation, "transcoder" if transcode else "sae"]
         + (["skip"] if skip_connection else []) + (["multi"] if multi_topk else []) + [f"dead_{dead}"]
+        + (["raise_only"] if auxk_raise_only else [])
     )
-    return Case(name, cfg, d_in, d_out, params, x, y, dead_mask)
+    return Case(name, cfg, d_in, d_out, params, x, y, dead_mask, auxk_raise_only)
 
 
 def all_cases(seed: int = 0) -> list[Case]:
-    """Every config variant crossed with every dead mask (a transcoder always has d_out != d_in)."""
+    """Every config variant crossed with every dead mask (a transcoder always has d_out != d_in), and raise-only
+    AuxK (the trainer's) on both AuxK paths: few dead latents (dense) and all (sparse)."""
     cases = []
     for activation, transcode, skip, multi in itertools.product(("topk", "groupmax"), (False, True), (False, True),
                                                                 (False, True)):
         for dead in DEAD_MASKS:
             cases.append(make_case(activation=activation, transcode=transcode, skip_connection=skip,
                                    multi_topk=multi, dead=dead, seed=seed))
+    for dead, transcode in (("few", False), ("all", False), ("many", True)):
+        cases.append(make_case(dead=dead, transcode=transcode, seed=seed, auxk_raise_only=True))
     return cases
 
 

@@ -30,6 +30,7 @@ def run_torch(case: Case, dtype: str = "float32", device: str = "cpu", auxk_alph
     else:
         sae = coder_cls(case.d_in, case.cfg, device=device, dtype=torch_dtype, d_out=case.d_out)
         sae.load_state_dict({n: torch.from_numpy(v) for n, v in case.params.items()})
+    sae.auxk_raise_only = case.auxk_raise_only
     x = torch.from_numpy(case.x).to(device, torch_dtype)
     y = None if case.y is None else torch.from_numpy(case.y).to(device, torch_dtype)
     dead = None if case.dead_mask is None else torch.from_numpy(case.dead_mask).to(device)
@@ -76,6 +77,7 @@ def run_mlx(case: Case, dtype: str = "float32", auxk_alpha: float = LOSS_AUXK_AL
     else:
         sae = coder_cls(case.d_in, case.cfg, dtype=mlx_dtype, d_out=case.d_out)
         sae.load_weights([(n, mx.array(v).astype(mlx_dtype)) for n, v in case.params.items()], strict=True)
+    sae.auxk_raise_only = case.auxk_raise_only
     x = mx.array(case.x).astype(mlx_dtype)
     y = None if case.y is None else mx.array(case.y).astype(mlx_dtype)
     dead = None if case.dead_mask is None else mx.array(case.dead_mask)

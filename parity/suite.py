@@ -171,8 +171,7 @@ def check_case(path: str, case: Case, dtype: str, folder: Path, coder_cls=None) 
     equal-shaped tensors fails here, and the parameters the path held are compared with them bit for bit."""
     outputs, selection, params = run_path(path, case, dtype, folder, coder_cls)
     seen = case.rounded_to(dtype)
-    kwargs = dict(activation=case.cfg.activation, k=case.cfg.k, transcode=case.cfg.transcode,
-                  multi_topk=case.cfg.multi_topk, dead_mask=case.dead_mask, auxk_alpha=LOSS_AUXK_ALPHA)
+    kwargs = dict(case.oracle_kwargs(), auxk_alpha=LOSS_AUXK_ALPHA)
     ref = evaluate(seen.params, seen.x, seen.y, selection=selection, **kwargs)
     own = evaluate(seen.params, seen.x, seen.y, **kwargs)
     loaded = Check("parameters as loaded (vs the fixture's)",

@@ -24,9 +24,7 @@ BF16_CASES = [c for c in CASES if c.name.endswith(("dead_none", "dead_many"))]
 
 
 def oracle_for(case, params, selection=None, auxk_alpha=LOSS_AUXK_ALPHA):
-    return evaluate(params, case.x, case.y, activation=case.cfg.activation, k=case.cfg.k,
-                    transcode=case.cfg.transcode, multi_topk=case.cfg.multi_topk, dead_mask=case.dead_mask,
-                    auxk_alpha=auxk_alpha, selection=selection)
+    return evaluate(params, case.x, case.y, **case.oracle_kwargs(), auxk_alpha=auxk_alpha, selection=selection)
 
 
 def check_against_oracle(case, dtype, coder_cls=None):
