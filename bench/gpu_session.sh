@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call for a session with a lent GPU (H200): parity of the Triton paths, the kernel variants against the
-# defaults at real sizes, the benchmark grid with every variant side by side with sparsify, and the per-kernel
-# profiles. Everything goes under $OUT (default ./gpu-out). Runs from the repository root with the image's python3
+# defaults at real sizes, the quality benchmark at GPU scale (at most QUALITY_TIMEOUT s, default 180), the
+# benchmark grid with every variant side by side with sparsify, and the per-kernel profiles. Everything goes under
+# $OUT (default ./gpu-out). Runs from the repository root with the image's python3
 # (no install of the project needed).
 #
 # The lent image (torch 2.11 + CUDA, triton 3.6) lacks sparsify and its pure-Python dependencies and has no
@@ -9,7 +10,8 @@
 #     bench/gpu_session.sh --download gpu_wheels        # wheels for Python 3.12 (GPU_PYTHON=3.x for another)
 # and on the GPU machine:
 #     WHEELS=gpu_wheels bench/gpu_session.sh            # (device tool: carry ["gpu_wheels"])
-# Budget: about 6-9 minutes on an H200 (the grid dominates); QUICK=1 runs a smaller grid (about 3 minutes).
+# Budget: about 9-12 minutes on an H200 (the grid dominates); QUICK=1 runs a smaller grid (about 6 minutes), which
+# fits a 10-minute call.
 set -u
 
 SPARSIFY_WHEELS="eai-sparsify==1.3.3 einops==0.8.2 natsort==8.4.0 schedulefree==1.4.1 simple-parsing==0.1.9
@@ -46,6 +48,11 @@ step "parity: torch-eager and torch-triton, fp32 and bf16"
 
 step "kernel variants against the defaults at real sizes (bench.gpu_check)"
 "$PY" -m bench.gpu_check --out "$OUT/gpu_check.json" > "$OUT/gpu_check.txt" 2>&1
+
+step "quality at GPU scale (bench.quality --scale gpu, synthetic): ours, sparsify, the previous AuxK default"
+timeout "${QUALITY_TIMEOUT:-180}" "$PY" -m bench.quality --scale gpu --no-real --device cuda \
+    --variant "exact-auxk-10M:auxk_raise_only=false,dead_feature_threshold=10000000" \
+    --out "$OUT/quality-gpu" > "$OUT/quality-gpu.txt" 2>&1; echo "exit $?" >> "$OUT/quality-gpu.txt"
 
 if [ "${QUICK:-0}" = "1" ]; then
     GRID=(--d-in 768 --k 32 --tokens 4096)
