@@ -23,7 +23,7 @@ from .data import check_dataset, default_exclude_tokens, load_token_chunks
 from .errors import UserError
 from .metrics import MetricsLog, coder_stats, plot_run
 from .sources import ShardedSource, load_model_source
-from .train_config import SPARSIFY_DEAD_THRESHOLD, TrainConfig
+from .train_config import TrainConfig
 from .training_state import (BEST_DIR, SAVING, SigintFlag, begin_save, check_same_run, choose_run_dir, coder_names,
                              commit_save, debug_pause, lock_run, merge_resume_config, read_coder_state, read_run_state,
                              unlock_run, write_coder_state, write_run_state)
@@ -140,6 +140,7 @@ class Loop:
         self._saved_step = 0
         self.best_fvu: dict[str, float] = {}
         self.coders: dict[str, Coder] = {}
+        tokens_per_step = cfg.tokens_per_step(source.tokens_per_batch)
         for name, (hook, seed) in coder_names(source.hookpoints, cfg.init_seeds).items():
             d_in, d_out = source.widths[hook]
             sae = backend.load_coder(self.shared_run / name) if saved else backend.new_coder(d_in, d_out, cfg.sae,
@@ -147,12 +148,11 @@ class Loop:
             sae.auxk_raise_only = cfg.auxk_raise_only
             m = sae.num_latents
             opt = backend.make_optimizer(cfg.optimizer, sae, cfg.average_power)
-            lr = cfg.lr or cfg.default_lr(m, cfg.tokens_per_step(source.tokens_per_batch))
+            lr = cfg.lr or cfg.default_lr(m, tokens_per_step)
             self.coders[name] = Coder(name, hook, seed, sae, opt, lr, backend.counters(m), backend.counters(m))
         self.total_steps = cfg.total_steps(source.tokens_per_batch, source.batches_per_epoch)
         self.warmup = cfg.warmup_steps(self.total_steps)
-        run_tokens = None if self.total_steps is None else self.total_steps * cfg.tokens_per_step(
-            source.tokens_per_batch)
+        run_tokens = None if self.total_steps is None else self.total_steps * tokens_per_step
         self.dead_threshold = cfg.dead_threshold(run_tokens)
         if saved:
             self._load_state(saved)
@@ -400,7 +400,7 @@ class Loop:
         self._saved_step = self.step
         self.warmup = saved.get("warmup_steps", self.warmup) if self.cfg.lr_warmup_steps is None else self.warmup
         if self.cfg.dead_feature_threshold is None:  # the default stays the first run's (resumes may change its length)
-            self.dead_threshold = saved.get("dead_threshold", SPARSIFY_DEAD_THRESHOLD)
+            self.dead_threshold = saved.get("dead_threshold", self.cfg.dead_threshold(None))
         b = self.backend
         for name, c in self.coders.items():
             tensors = read_coder_state(self.shared_run / name, self.cfg.optimizer, b.param_shapes(c.sae))

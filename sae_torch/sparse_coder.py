@@ -263,7 +263,8 @@ class SparseCoder(nn.Module):
                 e_hat = subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec,
                                       self.auxk_raise_only)
             else:
-                e_hat = self._aux_sparse_decode(x_in, bias, sel.aux_indices, sel.aux_values)
+                e_hat = sparse_decode(self._aux_acts(x_in, bias, sel.aux_indices, sel.aux_values), sel.aux_indices,
+                                      self.W_dec, self.scatter_kernel)
         return top_acts, indices, e_hat, multi
 
     def aux_takes_dense_path(self, num_dead: int, k_aux: int) -> bool:
@@ -280,12 +281,12 @@ class SparseCoder(nn.Module):
         if self.aux_takes_dense_path(len(dead), slots.shape[-1]):
             dense_acts = dead_pre.zero_().scatter_(-1, slots, chosen)
             return subset_decode(dense_acts, dead, x_in, self.encoder.weight, bias, self.W_dec, self.auxk_raise_only)
-        return self._aux_sparse_decode(x_in, bias, dead[slots], chosen)
+        indices = dead[slots]
+        return sparse_decode(self._aux_acts(x_in, bias, indices, chosen), indices, self.W_dec, self.scatter_kernel)
 
-    def _aux_sparse_decode(self, x_in: Tensor, bias: Tensor, indices: Tensor, chosen: Tensor) -> Tensor:
+    def _aux_acts(self, x_in: Tensor, bias: Tensor, indices: Tensor, chosen: Tensor) -> Tensor:
         acts = self.acts_at(x_in, bias, indices, chosen)
-        return sparse_decode(raise_only_grad(acts) if self.auxk_raise_only else acts, indices, self.W_dec,
-                             self.scatter_kernel)
+        return raise_only_grad(acts) if self.auxk_raise_only else acts
 
     def auxk_loss(self, e: Tensor, e_hat: Tensor, num_dead: int, total_variance: Tensor) -> Tensor:
         """Bias-correct AuxK: dead latents reconstruct the residual e, which already holds b_dec and the skip term,
